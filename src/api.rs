@@ -1,0 +1,293 @@
+//! SQL functions users call. Their declarations (argument names, defaults, privileges) are in
+//! `sql/api.sql`; the C-level entry points are here.
+//!
+//! `emit()` is written against the V1 calling convention directly so the payload `jsonb` datum goes
+//! from the caller to the INSERT untouched: no detoast, no re-serialisation, no per-call planning.
+
+use std::cell::Cell;
+
+use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::error::Refusal;
+use crate::{guc, validate, wake};
+
+/// Longest accepted `event_type`, in bytes: it travels in every message's headers.
+pub const MAX_EVENT_TYPE_BYTES: usize = 255;
+/// Longest accepted `aggregate_id`, in bytes: it is the Kafka key and is indexed while retried.
+pub const MAX_AGGREGATE_ID_BYTES: usize = 1024;
+
+/// Declares the V1 calling-convention record Postgres looks up for a C function.
+macro_rules! v1_function_info {
+    ($info:ident) => {
+        #[unsafe(no_mangle)]
+        #[doc(hidden)]
+        pub extern "C" fn $info() -> &'static pg_sys::Pg_finfo_record {
+            const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+
+v1_function_info!(pg_finfo_outbox_emit_text);
+v1_function_info!(pg_finfo_outbox_emit_uuid);
+v1_function_info!(pg_finfo_outbox_emit_int8);
+
+/// `outbox.emit(event_type text, aggregate_id text, payload jsonb, headers jsonb, topic text)`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn outbox_emit_text(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: Postgres calls this with a valid fcinfo whose argument 1 is text, per sql/api.sql.
+    let aggregate_id = unsafe { pg_getarg::<String>(fcinfo, 1) };
+    unsafe { emit(fcinfo, aggregate_id) }
+}
+
+/// `outbox.emit(event_type text, aggregate_id uuid, ...)`: the key is the canonical UUID text.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn outbox_emit_uuid(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: Postgres calls this with a valid fcinfo whose argument 1 is uuid, per sql/api.sql.
+    let aggregate_id = unsafe { pg_getarg::<pgrx::Uuid>(fcinfo, 1) }.map(|u| u.to_string());
+    unsafe { emit(fcinfo, aggregate_id) }
+}
+
+/// `outbox.emit(event_type text, aggregate_id bigint, ...)`: smallint and integer ids arrive here
+/// through Postgres' implicit casts; the key is the decimal text.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn outbox_emit_int8(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: Postgres calls this with a valid fcinfo whose argument 1 is bigint, per sql/api.sql.
+    let aggregate_id = unsafe { pg_getarg::<i64>(fcinfo, 1) }.map(|i| i.to_string());
+    unsafe { emit(fcinfo, aggregate_id) }
+}
+
+/// A validated emit() call, ready to insert.
+struct NewEvent {
+    event_type: String,
+    aggregate_id: String,
+    payload: pg_sys::Datum,
+    headers: Option<pg_sys::Datum>,
+    topic: Option<String>,
+}
+
+/// The shared body of the emit() overloads: validate everything, then insert one row.
+///
+/// SAFETY: `fcinfo` is a valid call frame with the argument layout of sql/api.sql.
+unsafe fn emit(fcinfo: pg_sys::FunctionCallInfo, aggregate_id: Option<String>) -> pg_sys::Datum {
+    let event = unsafe { NewEvent::from_arguments(fcinfo, aggregate_id) };
+    let id = uuid::Uuid::now_v7();
+    insert_event(id, &event);
+    wake::note_emitted();
+    pgrx::Uuid::from_bytes(*id.as_bytes())
+        .into_datum()
+        .expect("a uuid is never NULL")
+}
+
+impl NewEvent {
+    /// Reads and checks the arguments; raises a clear error for the first bad one.
+    ///
+    /// SAFETY: `fcinfo` is a valid call frame with the argument layout of sql/api.sql.
+    unsafe fn from_arguments(
+        fcinfo: pg_sys::FunctionCallInfo,
+        aggregate_id: Option<String>,
+    ) -> Self {
+        let event_type = unsafe { pg_getarg::<String>(fcinfo, 0) }
+            .unwrap_or_else(|| Refusal::null_argument("outbox.emit", "event_type").raise());
+        let aggregate_id = aggregate_id
+            .unwrap_or_else(|| Refusal::null_argument("outbox.emit", "aggregate_id").raise());
+        if unsafe { pg_arg_is_null(fcinfo, 2) } {
+            Refusal::null_argument("outbox.emit", "payload")
+                .hint("Pass 'null'::jsonb for an event without a body.")
+                .raise();
+        }
+        let payload = unsafe { pg_getarg_datum_raw(fcinfo, 2) };
+        let headers = if unsafe { pg_arg_is_null(fcinfo, 3) } {
+            None
+        } else {
+            check_headers(unsafe { pg_getarg::<pgrx::JsonB>(fcinfo, 3) }.map(|j| j.0));
+            Some(unsafe { pg_getarg_datum_raw(fcinfo, 3) })
+        };
+        let topic = unsafe { pg_getarg::<String>(fcinfo, 4) };
+
+        check_event_type(&event_type);
+        check_aggregate_id(&aggregate_id);
+        check_topic(&event_type, topic.as_deref());
+        NewEvent {
+            event_type,
+            aggregate_id,
+            payload,
+            headers,
+            topic,
+        }
+    }
+}
+
+fn check_event_type(event_type: &str) {
+    if event_type.is_empty() {
+        Refusal::invalid("outbox.emit: event_type must not be empty")
+            .hint("Name the event, e.g. 'order.created'.")
+            .raise();
+    }
+    if event_type.len() > MAX_EVENT_TYPE_BYTES {
+        Refusal::invalid(format!(
+            "outbox.emit: event_type is {} bytes long, at most {MAX_EVENT_TYPE_BYTES} are allowed",
+            event_type.len()
+        ))
+        .raise();
+    }
+}
+
+fn check_aggregate_id(aggregate_id: &str) {
+    if aggregate_id.is_empty() {
+        Refusal::invalid("outbox.emit: aggregate_id must not be empty")
+            .hint("The aggregate id is the Kafka message key that keeps one aggregate's events in order.")
+            .raise();
+    }
+    if aggregate_id.len() > MAX_AGGREGATE_ID_BYTES {
+        Refusal::invalid(format!(
+            "outbox.emit: aggregate_id is {} bytes long, at most {MAX_AGGREGATE_ID_BYTES} are allowed",
+            aggregate_id.len()
+        ))
+        .raise();
+    }
+}
+
+/// The topic is `outbox.topic_prefix` followed by the topic argument, else the event type.
+fn check_topic(event_type: &str, topic: Option<&str>) {
+    if topic == Some("") {
+        Refusal::invalid("outbox.emit: topic must not be empty")
+            .hint("Pass NULL to publish to the topic named after the event type.")
+            .raise();
+    }
+    let full = format!("{}{}", guc::topic_prefix(), topic.unwrap_or(event_type));
+    if let Err(reason) = validate::topic_name(&full) {
+        let refusal = Refusal::invalid(format!(
+            "outbox.emit: \"{}\" is not a valid Kafka topic name",
+            full.escape_default()
+        ))
+        .detail(reason);
+        let refusal = if topic.is_none() {
+            refusal.hint("The topic defaults to the event type; pass a topic argument, or use only [a-zA-Z0-9._-] in the event type.")
+        } else {
+            refusal.hint("Kafka topic names use only [a-zA-Z0-9._-], at most 249 characters.")
+        };
+        refusal.raise();
+    }
+}
+
+/// Headers must be a JSON object whose values are strings (Kafka header values are bytes; we send
+/// the string's UTF-8), with names that do not collide with the headers outbox_pg sets.
+fn check_headers(headers: Option<serde_json::Value>) {
+    let Some(headers) = headers else { return };
+    let serde_json::Value::Object(map) = headers else {
+        Refusal::invalid(format!(
+            "outbox.emit: headers must be a JSON object, not {}",
+            json_kind(&headers)
+        ))
+        .hint("For example '{\"traceparent\": \"00-...\"}'::jsonb.")
+        .raise();
+    };
+    for (name, value) in &map {
+        if let Err(reason) = validate::header_name(name) {
+            Refusal::invalid(format!("outbox.emit: {reason}")).raise();
+        }
+        if !value.is_string() {
+            Refusal::invalid(format!(
+                "outbox.emit: header \"{name}\" is {}, header values must be strings",
+                json_kind(value)
+            ))
+            .hint("Convert the value to a JSON string, e.g. to_jsonb(42::text).")
+            .raise();
+        }
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+const INSERT_EVENT: &std::ffi::CStr = c"INSERT INTO outbox.events \
+    (id, event_type, aggregate_id, payload, headers, topic) VALUES ($1, $2, $3, $4, $5, $6)";
+
+thread_local! {
+    /// This backend's saved plan for INSERT_EVENT; plancache revalidates it after DDL.
+    static INSERT_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Inserts the row through SPI with a plan prepared once per backend.
+fn insert_event(id: uuid::Uuid, event: &NewEvent) {
+    let text = |s: &str| s.into_datum().expect("text is never NULL");
+    let mut values = [
+        pgrx::Uuid::from_bytes(*id.as_bytes())
+            .into_datum()
+            .expect("a uuid is never NULL"),
+        text(&event.event_type),
+        text(&event.aggregate_id),
+        event.payload,
+        event.headers.unwrap_or(pg_sys::Datum::from(0)),
+        event
+            .topic
+            .as_deref()
+            .map(text)
+            .unwrap_or(pg_sys::Datum::from(0)),
+    ];
+    let null = |absent: bool| {
+        if absent {
+            b'n' as std::ffi::c_char
+        } else {
+            b' ' as std::ffi::c_char
+        }
+    };
+    let nulls = [
+        null(false),
+        null(false),
+        null(false),
+        null(false),
+        null(event.headers.is_none()),
+        null(event.topic.is_none()),
+    ];
+    // SAFETY: called from a SQL function inside a transaction, the only place SPI may connect;
+    // values and nulls have exactly the six entries the plan declares.
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            pgrx::error!("outbox.emit: SPI_connect failed");
+        }
+        let plan = INSERT_PLAN.with(|cell| {
+            if cell.get().is_null() {
+                let mut types = [
+                    pg_sys::UUIDOID,
+                    pg_sys::TEXTOID,
+                    pg_sys::TEXTOID,
+                    pg_sys::JSONBOID,
+                    pg_sys::JSONBOID,
+                    pg_sys::TEXTOID,
+                ];
+                let plan = pg_sys::SPI_prepare(INSERT_EVENT.as_ptr(), 6, types.as_mut_ptr());
+                if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
+                    pgrx::error!("outbox.emit: could not prepare the outbox insert");
+                }
+                cell.set(plan);
+            }
+            cell.get()
+        });
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 1);
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            pgrx::error!("outbox.emit: insert into outbox.events failed (SPI code {rc})");
+        }
+        pg_sys::SPI_finish();
+    }
+}

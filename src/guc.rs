@@ -1,0 +1,246 @@
+//! Every `outbox.*` setting: name, unit, bounds, context and a one-line description.
+//!
+//! All settings are `PGC_SIGHUP` (postgresql.conf or ALTER SYSTEM, then `pg_reload_conf()`), so
+//! every backend and the worker agree on them. String settings have check hooks: a bad value is
+//! refused at reload with a log line naming the setting, and the previous value stays in force.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+use crate::shared::MAX_DATABASES;
+use crate::validate;
+
+pub static BROKERS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"localhost:9092"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+pub static TOPIC_PREFIX: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+pub static KAFKA_CONFIG: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+pub static DELIVERY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static RETRY_BACKOFF_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static RETRY_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
+
+const HOUR_MS: i32 = 3_600_000;
+
+/// Defines every setting. Called from `_PG_init` in every process that loads the library.
+pub fn init() {
+    // SAFETY: the check hooks only parse their argument and never raise an ERROR.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.brokers",
+            c"Kafka bootstrap servers, host:port[,host:port...].",
+            c"Changing it rebuilds the worker's producer at the next reload.",
+            &BROKERS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_brokers),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.database",
+            c"Databases whose outbox is published, comma-separated; one worker each.",
+            c"Databases can be added or removed with a reload.",
+            &DATABASE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_database),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.topic_prefix",
+            c"Prepended to every topic name.",
+            c"Topic = prefix || coalesce(topic argument, event_type).",
+            &TOPIC_PREFIX,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_topic_prefix),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.kafka_config",
+            c"Extra librdkafka properties, key=value[,key=value...].",
+            c"Visible to superusers only: it may hold credentials. Escape commas in values as \\,.",
+            &KAFKA_CONFIG,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY,
+            Some(check_kafka_config),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"outbox.poll_interval",
+        c"How long the idle worker sleeps before looking for events a commit did not announce.",
+        c"Commits that emitted events wake the worker at once; this is the fallback.",
+        &POLL_INTERVAL_MS,
+        10,
+        HOUR_MS,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.batch_size",
+        c"Events claimed and produced per batch.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_attempts",
+        c"Failed publish attempts after which an event is dead and skipped.",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        1000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retention",
+        c"How long published events are kept before the worker deletes them; -1 keeps them forever.",
+        c"",
+        &RETENTION_S,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.delivery_timeout",
+        c"How long librdkafka may try to deliver an event before it counts as a failed attempt; 0 waits for the broker indefinitely.",
+        c"With 0, a broker outage never fails events: they wait, in order, and are published when it returns.",
+        &DELIVERY_TIMEOUT_MS,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retry_backoff",
+        c"Delay before the first retry of a failed event; doubles with every further failure.",
+        c"",
+        &RETRY_BACKOFF_MS,
+        0,
+        HOUR_MS,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retry_backoff_max",
+        c"Upper bound of the retry delay.",
+        c"",
+        &RETRY_BACKOFF_MAX_MS,
+        0,
+        24 * HOUR_MS,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}
+
+pub fn brokers() -> String {
+    string(&BROKERS)
+}
+
+pub fn topic_prefix() -> String {
+    string(&TOPIC_PREFIX)
+}
+
+/// The parsed `outbox.kafka_config`; the check hook guarantees it parses.
+pub fn kafka_properties() -> Vec<(String, String)> {
+    validate::kafka_properties(&string(&KAFKA_CONFIG)).unwrap_or_default()
+}
+
+/// The parsed `outbox.database` list; the check hook guarantees it parses.
+pub fn databases() -> Vec<String> {
+    validate::database_list(&string(&DATABASE), MAX_DATABASES).unwrap_or_default()
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Runs a validator from a string check hook: on failure, sets the DETAIL line and refuses.
+///
+/// SAFETY: `newval` points to the proposed value (possibly NULL), as the GUC machinery guarantees.
+unsafe fn check_string(newval: *mut *mut c_char, check: fn(&str) -> Result<(), String>) -> bool {
+    let value = unsafe { (*newval).as_ref() }
+        .map(|p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match check(&value) {
+        Ok(()) => true,
+        Err(detail) => {
+            let detail = CString::new(detail).unwrap_or_else(|_| c"invalid value".into());
+            // SAFETY: check hooks run in a backend with a valid memory context; the GUC machinery
+            // reads GUC_check_errdetail_string once when reporting the refusal.
+            unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_brokers(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_string(newval, validate::broker_list) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_database(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe {
+        check_string(newval, |v| {
+            validate::database_list(v, MAX_DATABASES).map(drop)
+        })
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_topic_prefix(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // A prefix must itself be a valid start of a topic name; the full name is checked at emit.
+    unsafe {
+        check_string(newval, |v| {
+            if v.is_empty() {
+                Ok(())
+            } else {
+                validate::topic_name(v)
+            }
+        })
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_kafka_config(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_string(newval, |v| validate::kafka_properties(v).map(drop)) }
+}

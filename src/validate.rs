@@ -1,0 +1,223 @@
+//! Pure checks and parsers for user input and setting values. No Postgres, no Kafka calls here,
+//! so every rule is testable on its own and shared by emit(), the GUC check hooks and the worker.
+
+/// Kafka's limit on topic name length.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// Header names outbox_pg sets on every message; user headers may not reuse them.
+pub const RESERVED_HEADERS: [&str; 4] = ["outbox-id", "event-type", "aggregate-id", "created-at"];
+
+/// A topic name Kafka accepts: 1..=249 characters from `[a-zA-Z0-9._-]`, and not `.` or `..`.
+pub fn topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("topic name is empty".into());
+    }
+    if name.len() > MAX_TOPIC_LEN {
+        return Err(format!(
+            "topic name is {} characters long, Kafka allows at most {MAX_TOPIC_LEN}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("topic name \"{name}\" is reserved by Kafka"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name \"{}\" contains {bad:?}; Kafka allows only [a-zA-Z0-9._-]",
+            name.escape_default()
+        ));
+    }
+    Ok(())
+}
+
+/// A user header name: non-empty and not one of the headers outbox_pg sets itself.
+pub fn header_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("header name is empty".into());
+    }
+    if RESERVED_HEADERS.contains(&name) {
+        return Err(format!(
+            "header \"{name}\" is set by outbox_pg and cannot be overridden"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `outbox.kafka_config`: `key=value` pairs separated by commas. A literal comma or
+/// backslash inside a value is written `\,` or `\\`. Whitespace around keys and values is ignored.
+pub fn kafka_properties(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    for (position, item) in split_unescaped(text)?.iter().enumerate() {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        // Errors name the item's position, never its text: values may be secrets.
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!(
+                "item {} is not of the form key=value",
+                position + 1
+            ));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err("a property has an empty name".into());
+        }
+        if key.chars().any(|c| c.is_whitespace()) {
+            return Err(format!("property name \"{key}\" contains whitespace"));
+        }
+        if key == "bootstrap.servers" || key == "metadata.broker.list" {
+            return Err(format!(
+                "set the brokers with outbox.brokers, not with {key}"
+            ));
+        }
+        pairs.push((key.to_string(), value.trim().to_string()));
+    }
+    Ok(pairs)
+}
+
+/// Checks `outbox.brokers`: a comma-separated list of `host:port`, optionally `PROTOCOL://host:port`.
+pub fn broker_list(text: &str) -> Result<(), String> {
+    let brokers: Vec<&str> = text.split(',').map(str::trim).collect();
+    if brokers.iter().all(|b| b.is_empty()) {
+        return Err("no broker given".into());
+    }
+    for broker in brokers {
+        let address = broker.split_once("://").map_or(broker, |(_, rest)| rest);
+        let (host, port) = match address.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (address, None),
+        };
+        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+            return Err(format!("\"{broker}\" is not a host:port address"));
+        }
+        if let Some(port) = port {
+            match port.parse::<u16>() {
+                Ok(p) if p > 0 => {}
+                _ => return Err(format!("\"{broker}\" has an invalid port \"{port}\"")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses `outbox.database`: one or more database names separated by commas.
+pub fn database_list(text: &str, max: usize) -> Result<Vec<String>, String> {
+    let mut names: Vec<String> = Vec::new();
+    for name in text.split(',').map(str::trim) {
+        if name.is_empty() {
+            return Err("the list contains an empty database name".into());
+        }
+        if name.len() >= 64 {
+            return Err(format!("database name \"{name}\" is longer than 63 bytes"));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(format!("database \"{name}\" is listed twice"));
+        }
+        names.push(name.to_string());
+    }
+    if names.len() > max {
+        return Err(format!(
+            "{} databases listed, at most {max} are supported",
+            names.len()
+        ));
+    }
+    Ok(names)
+}
+
+fn split_unescaped(text: &str) -> Result<Vec<String>, String> {
+    let mut items = vec![String::new()];
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(escaped @ (',' | '\\')) => items.last_mut().unwrap().push(escaped),
+                Some(other) => {
+                    return Err(format!("\"\\{other}\" is not an escape; use \\, or \\\\"));
+                }
+                None => return Err("the value ends with a lone backslash".into()),
+            },
+            ',' => items.push(String::new()),
+            c => items.last_mut().unwrap().push(c),
+        }
+    }
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        let cases: &[(&str, bool)] = &[
+            ("orders", true),
+            ("order.created", true),
+            ("a-b_c.D9", true),
+            ("", false),
+            (".", false),
+            ("..", false),
+            ("...", true),
+            ("has space", false),
+            ("slash/topic", false),
+            ("ünïcode", false),
+            ("semi;colon", false),
+        ];
+        for (name, ok) in cases {
+            assert_eq!(topic_name(name).is_ok(), *ok, "{name:?}");
+        }
+        assert!(topic_name(&"x".repeat(249)).is_ok());
+        assert!(topic_name(&"x".repeat(250)).is_err());
+    }
+
+    #[test]
+    fn kafka_properties_parse_pairs_and_escapes() {
+        assert_eq!(
+            kafka_properties("linger.ms=5, compression.type = lz4").unwrap(),
+            vec![
+                ("linger.ms".to_string(), "5".to_string()),
+                ("compression.type".to_string(), "lz4".to_string())
+            ]
+        );
+        assert_eq!(
+            kafka_properties(r"debug=broker\,topic").unwrap(),
+            vec![("debug".to_string(), "broker,topic".to_string())]
+        );
+        assert!(kafka_properties("").unwrap().is_empty());
+        assert!(kafka_properties("linger.ms").is_err());
+        assert!(kafka_properties("=5").is_err());
+        assert!(kafka_properties(r"a=b\x").is_err());
+        assert!(kafka_properties("bootstrap.servers=x:1").is_err());
+    }
+
+    #[test]
+    fn broker_lists_need_hosts_and_valid_ports() {
+        assert!(broker_list("localhost:9092").is_ok());
+        assert!(broker_list("a:1, b:2,SSL://c:9093").is_ok());
+        assert!(broker_list("kafka").is_ok());
+        assert!(broker_list("").is_err());
+        assert!(broker_list("host:notaport").is_err());
+        assert!(broker_list("host:0").is_err());
+        assert!(broker_list("host:70000").is_err());
+        assert!(broker_list(":9092").is_err());
+    }
+
+    #[test]
+    fn database_lists_reject_empty_and_duplicate_names() {
+        assert_eq!(database_list("a, b", 4).unwrap(), vec!["a", "b"]);
+        assert!(database_list("a,,b", 4).is_err());
+        assert!(database_list("a,a", 4).is_err());
+        assert!(database_list("a,b,c", 2).is_err());
+        assert!(database_list(&"d".repeat(64), 4).is_err());
+    }
+
+    #[test]
+    fn reserved_headers_are_refused() {
+        assert!(header_name("trace").is_ok());
+        assert!(header_name("outbox-id").is_err());
+        assert!(header_name("").is_err());
+    }
+}
