@@ -291,3 +291,257 @@ fn insert_event(id: uuid::Uuid, event: &NewEvent) {
         pg_sys::SPI_finish();
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// Runs `sql` and returns "SQLSTATE: message" of the error it raised, or None.
+    fn error_of(sql: &str) -> Option<String> {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.error_of(sql text) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE sql; RETURN NULL;
+             EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ': ' || SQLERRM; END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()]).unwrap()
+    }
+
+    fn count(condition: &str) -> i64 {
+        Spi::get_one::<i64>(&format!(
+            "SELECT count(*) FROM outbox.events WHERE {condition}"
+        ))
+        .unwrap()
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn emit_stores_the_event_and_returns_its_id() {
+        let id = Spi::get_one::<String>(
+            "SELECT outbox.emit('order.created', 'order-1', '{\"total\": 12.5}',
+                                '{\"tenant\": \"acme\"}', 'orders')::text",
+        )
+        .unwrap()
+        .unwrap();
+        let row = Spi::get_one::<bool>(&format!(
+            "SELECT event_type = 'order.created' AND aggregate_id = 'order-1'
+                    AND payload = '{{\"total\": 12.5}}' AND headers = '{{\"tenant\": \"acme\"}}'
+                    AND topic = 'orders' AND published_at IS NULL AND publish_attempts = 0
+                    AND error IS NULL AND created_at = now() AND seq > 0
+             FROM outbox.events WHERE id = '{id}'"
+        ))
+        .unwrap();
+        assert_eq!(row, Some(true));
+    }
+
+    #[pg_test]
+    fn emit_accepts_text_uuid_and_integer_ids_without_a_cast() {
+        Spi::run(
+            "CREATE TEMP TABLE things (big bigint, small smallint, med int, u uuid, t text, v varchar);
+             INSERT INTO things VALUES (9000000000, 7, 42, '5f0c7a64-8d55-4f5e-9a4b-2f5f6f4cb0a1', 'abc', 'xyz');
+             SELECT outbox.emit('t', big, '{}') FROM things;
+             SELECT outbox.emit('t', small, '{}') FROM things;
+             SELECT outbox.emit('t', med, '{}') FROM things;
+             SELECT outbox.emit('t', u, '{}') FROM things;
+             SELECT outbox.emit('t', t, '{}') FROM things;
+             SELECT outbox.emit('t', v, '{}') FROM things;
+             SELECT outbox.emit('t', 'literal', '{}');
+             SELECT outbox.emit('t', 5, '{}');",
+        )
+        .unwrap();
+        let keys = Spi::get_one::<String>(
+            "SELECT string_agg(aggregate_id, ',' ORDER BY seq) FROM outbox.events",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            keys,
+            "9000000000,7,42,5f0c7a64-8d55-4f5e-9a4b-2f5f6f4cb0a1,abc,xyz,literal,5"
+        );
+    }
+
+    #[pg_test]
+    fn seq_follows_emission_order_and_ids_are_time_ordered() {
+        Spi::run("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 50) g").unwrap();
+        let ordered = Spi::get_one::<bool>(
+            "SELECT bool_and(ordered) FROM (
+               SELECT aggregate_id::int > lag(aggregate_id::int, 1, 0) OVER (ORDER BY seq)
+                      AND id > lag(id, 1, '00000000-0000-0000-0000-000000000000') OVER (ORDER BY seq)
+                      AS ordered
+               FROM outbox.events) s",
+        )
+        .unwrap();
+        assert_eq!(ordered, Some(true));
+    }
+
+    #[pg_test]
+    fn emit_refuses_bad_input_with_a_sqlstate_and_writes_nothing() {
+        Spi::run("SELECT outbox.emit('kept', 'k', '{}')").unwrap();
+        let long_type = "e".repeat(256);
+        let long_id = "i".repeat(1025);
+        let long_topic = "t".repeat(250);
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                "SELECT outbox.emit(NULL, 'a', '{}')".into(),
+                "22004",
+                "event_type must not be NULL",
+            ),
+            (
+                "SELECT outbox.emit('t', NULL::text, '{}')".into(),
+                "22004",
+                "aggregate_id must not be NULL",
+            ),
+            (
+                "SELECT outbox.emit('t', NULL::uuid, '{}')".into(),
+                "22004",
+                "aggregate_id must not be NULL",
+            ),
+            (
+                "SELECT outbox.emit('t', NULL::bigint, '{}')".into(),
+                "22004",
+                "aggregate_id must not be NULL",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', NULL)".into(),
+                "22004",
+                "payload must not be NULL",
+            ),
+            (
+                "SELECT outbox.emit('', 'a', '{}')".into(),
+                "22023",
+                "event_type must not be empty",
+            ),
+            (
+                "SELECT outbox.emit('t', '', '{}')".into(),
+                "22023",
+                "aggregate_id must not be empty",
+            ),
+            (
+                "SELECT outbox.emit('order created', 'a', '{}')".into(),
+                "22023",
+                "\"order created\" is not a valid Kafka topic name",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', '{}', topic => 'a/b')".into(),
+                "22023",
+                "\"a/b\" is not a valid Kafka topic name",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', '{}', topic => '..')".into(),
+                "22023",
+                "\"..\" is not a valid Kafka topic name",
+            ),
+            (
+                "SELECT outbox.emit('.', 'a', '{}')".into(),
+                "22023",
+                "\".\" is not a valid Kafka topic name",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', '{}', topic => '')".into(),
+                "22023",
+                "topic must not be empty",
+            ),
+            (
+                format!("SELECT outbox.emit('t', 'a', '{{}}', topic => '{long_topic}')"),
+                "22023",
+                "is not a valid Kafka topic name",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', '{}', '[1, 2]')".into(),
+                "22023",
+                "headers must be a JSON object, not an array",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', '{}', '\"x\"')".into(),
+                "22023",
+                "headers must be a JSON object, not a string",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', '{}', '{\"n\": 1}')".into(),
+                "22023",
+                "header \"n\" is a number, header values must be strings",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', '{}', '{\"o\": {}}')".into(),
+                "22023",
+                "header \"o\" is an object",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', '{}', '{\"outbox-id\": \"x\"}')".into(),
+                "22023",
+                "header \"outbox-id\" is set by outbox_pg",
+            ),
+            (
+                format!("SELECT outbox.emit('{long_type}', 'a', '{{}}', topic => 'x')"),
+                "22023",
+                "event_type is 256 bytes long",
+            ),
+            (
+                format!("SELECT outbox.emit('t', '{long_id}', '{{}}')"),
+                "22023",
+                "aggregate_id is 1025 bytes long",
+            ),
+            (
+                "SELECT outbox.emit('t', 'a', 'not json')".into(),
+                "22P02",
+                "invalid input syntax for type json",
+            ),
+            (
+                "SELECT outbox.emit('t', 1.5, '{}')".into(),
+                "42883",
+                "does not exist",
+            ),
+        ];
+        for (sql, sqlstate, message) in &cases {
+            let error = error_of(sql).unwrap_or_else(|| panic!("{sql} was accepted"));
+            assert!(
+                error.starts_with(&format!("{sqlstate}: ")) && error.contains(message),
+                "{sql}\n  expected {sqlstate}: …{message}…\n  got      {error}"
+            );
+        }
+        assert_eq!(count("true"), 1, "refused calls wrote nothing");
+    }
+
+    #[pg_test]
+    fn rolled_back_savepoint_discards_its_event() {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.emit_then_fail() RETURNS void LANGUAGE plpgsql AS $$
+             BEGIN
+               PERFORM outbox.emit('t', 'kept', '{}');
+               BEGIN
+                 PERFORM outbox.emit('t', 'discarded', '{}');
+                 RAISE EXCEPTION 'roll back to the block''s savepoint';
+               EXCEPTION WHEN raise_exception THEN NULL;
+               END;
+             END $$;
+             SELECT pg_temp.emit_then_fail();",
+        )
+        .unwrap();
+        assert_eq!(count("aggregate_id = 'kept'"), 1);
+        assert_eq!(count("aggregate_id = 'discarded'"), 0);
+    }
+
+    #[pg_test]
+    fn any_role_may_emit_but_not_write_the_table() {
+        Spi::run(
+            "CREATE ROLE outbox_app LOGIN;
+             SET ROLE outbox_app;
+             SELECT outbox.emit('t', 'from-app', '{}');",
+        )
+        .unwrap();
+        let insert = error_of("INSERT INTO outbox.events (id, event_type, aggregate_id, payload) VALUES (gen_random_uuid(), 't', 'x', '{}')");
+        let update = error_of("UPDATE outbox.events SET published_at = now()");
+        let delete = error_of("DELETE FROM outbox.events");
+        Spi::run("RESET ROLE").unwrap();
+        for error in [insert, update, delete] {
+            assert!(error
+                .unwrap_or_default()
+                .starts_with("42501: permission denied"));
+        }
+        assert_eq!(
+            count("aggregate_id = 'from-app' AND published_at IS NULL"),
+            1
+        );
+    }
+}

@@ -18,7 +18,7 @@ pub struct Event {
     pub payload: String,
     /// The caller's headers, already checked to be string-valued at emit time.
     pub headers: Vec<(String, String)>,
-    /// The full Kafka topic (prefix applied).
+    /// The topic argument, else the event type; `outbox.topic_prefix` is applied when sending.
     pub topic: String,
     /// `created_at` in RFC 3339, UTC.
     pub created_at: String,

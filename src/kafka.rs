@@ -95,9 +95,9 @@ impl Publisher {
         &self.reports
     }
 
-    /// Hands one event to librdkafka. A refusal that happens right away (message too large, bad
+    /// Hands one event to librdkafka, for `topic` (the event's topic with the prefix applied). A refusal that happens right away (message too large, bad
     /// topic) comes back as the event's outcome; otherwise the outcome arrives as a report.
-    pub fn send(&self, event: &Event) -> Result<(), Outcome> {
+    pub fn send(&self, event: &Event, topic: &str) -> Result<(), Outcome> {
         let mut id = uuid::Uuid::encode_buffer();
         let id = event.id.hyphenated().encode_lower(&mut id);
         let mut headers = OwnedHeaders::new_with_capacity(4 + event.headers.len())
@@ -108,7 +108,7 @@ impl Publisher {
         for (name, value) in &event.headers {
             headers = headers.insert(header(name, value));
         }
-        let mut record = BaseRecord::with_opaque_to(&event.topic, opaque(event.seq))
+        let mut record = BaseRecord::with_opaque_to(topic, opaque(event.seq))
             .key(event.aggregate_id.as_bytes())
             .payload(event.payload.as_bytes())
             .headers(headers);
@@ -125,6 +125,22 @@ impl Publisher {
         }
     }
 
+    /// Asks the broker whether `topic` exists. Events for a missing topic would otherwise wait
+    /// in librdkafka for `topic.metadata.propagation.max.ms` and hold up their whole batch.
+    pub fn check_topic(&self, topic: &str, timeout: Duration) -> TopicCheck {
+        match self.producer.client().fetch_metadata(Some(topic), timeout) {
+            Ok(metadata) => match metadata.topics().first() {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => TopicCheck::Exists,
+                Some(t) => TopicCheck::Missing(match t.error() {
+                    Some(code) => RDKafkaErrorCode::from(code).to_string(),
+                    None => "the topic has no partitions".to_string(),
+                }),
+                None => TopicCheck::Missing("the broker returned no metadata for it".to_string()),
+            },
+            Err(error) => TopicCheck::Unknown(describe(&error)),
+        }
+    }
+
     /// Gives up on everything queued or in flight: each such event is reported `Abandoned`.
     pub fn abandon_all(&self) {
         self.producer
@@ -135,6 +151,16 @@ impl Publisher {
     pub fn flush(&self, timeout: Duration) -> bool {
         self.producer.flush(timeout).is_ok()
     }
+}
+
+/// What the broker's metadata says about a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicCheck {
+    Exists,
+    /// The broker says it does not exist (or has no partitions); the reason as text.
+    Missing(String),
+    /// The broker did not answer; sending is still right (the message waits for it).
+    Unknown(String),
 }
 
 /// Pause before retrying a send refused because librdkafka's queue was full.

@@ -6,6 +6,7 @@
 //! - `ABORT`, `PREPARE`, `PARALLEL_ABORT`: forget the flag. Aborted events do not exist; prepared
 //!   ones become visible only at `COMMIT PREPARED`, which may run in another session that never
 //!   called emit(), so those rely on `outbox.poll_interval`.
+//!
 //! Not handled: subtransaction events. A savepoint rolled back after emit() still wakes the worker
 //! at commit; it finds nothing new, which costs one empty claim.
 
@@ -40,13 +41,13 @@ unsafe extern "C-unwind" fn on_transaction_event(
     _arg: *mut c_void,
 ) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
-            if EMITTED_IN_TRANSACTION.swap(false, Ordering::Relaxed) {
-                // SAFETY: MyDatabaseId is set for the whole life of a connected backend.
-                let database = unsafe { pg_sys::MyDatabaseId };
-                if let Some(slot) = shared::slot_for(database) {
-                    slot.wake();
-                }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT
+            if EMITTED_IN_TRANSACTION.swap(false, Ordering::Relaxed) =>
+        {
+            // SAFETY: MyDatabaseId is set for the whole life of a connected backend.
+            let database = unsafe { pg_sys::MyDatabaseId };
+            if let Some(slot) = shared::slot_for(database) {
+                slot.wake();
             }
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT

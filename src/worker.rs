@@ -6,7 +6,7 @@
 //!
 //! Only this thread calls Postgres. librdkafka reports reach it as plain data (see `kafka`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::RecvTimeoutError;
@@ -16,7 +16,7 @@ use pgrx::prelude::*;
 
 use crate::event::{Event, Outcome, Seq};
 use crate::guc;
-use crate::kafka::{ProducerSettings, Publisher, Report};
+use crate::kafka::{ProducerSettings, Publisher, Report, TopicCheck};
 use crate::ordering::{plan_round, RoundPlan};
 use crate::shared::{self, WorkerSlot, WorkerState};
 use crate::store::{self, RetryPolicy, Store};
@@ -32,6 +32,8 @@ const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
 const REPORT_WAIT_SLICE: Duration = Duration::from_millis(100);
 /// How long a shutdown or producer rebuild waits for in-flight messages before abandoning them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the broker's answer when checking that a topic exists.
+const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Minimum spacing of repeated broker-error log lines.
 const BROKER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -64,6 +66,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         store: None,
         publisher: None,
         rebuild_after_fatal: false,
+        known_topics: HashSet::new(),
         broker: BrokerHealth::default(),
     }
     .run();
@@ -87,6 +90,8 @@ struct Worker {
     publisher: Option<Publisher>,
     /// Set when librdkafka reported a fatal error: the producer must be replaced.
     rebuild_after_fatal: bool,
+    /// Topics the broker confirmed to exist (with the prefix applied).
+    known_topics: HashSet<String>,
     broker: BrokerHealth,
 }
 
@@ -109,10 +114,12 @@ impl Worker {
                 continue;
             }
             let round = self.publish_round();
-            if last_expiry.elapsed() >= EXPIRE_INTERVAL && !shutdown_requested() {
-                if self.expire_published_chunk() < EXPIRE_CHUNK as usize {
-                    last_expiry = Instant::now();
-                }
+            // Expire a chunk per round while a backlog of old rows lasts, else once per interval.
+            if last_expiry.elapsed() >= EXPIRE_INTERVAL
+                && !shutdown_requested()
+                && self.expire_published_chunk() < EXPIRE_CHUNK as usize
+            {
+                last_expiry = Instant::now();
             }
             if !round.more_waiting {
                 self.set_state(if self.broker.unreachable() {
@@ -243,30 +250,32 @@ impl Worker {
         let mut waiting: HashMap<Seq, usize> = HashMap::with_capacity(events.len());
         let mut stopped: Vec<&str> = Vec::new();
         let prefix = guc::topic_prefix();
-        let publisher = self
-            .publisher
-            .as_ref()
-            .expect("publisher built before producing");
+        let mut missing_topics: HashMap<String, Option<String>> = HashMap::new();
         for (i, event) in events.iter().enumerate() {
             if stopped.contains(&event.aggregate_id.as_str()) {
                 continue;
             }
-            let routed;
-            let event = if prefix.is_empty() {
-                event
-            } else {
-                routed = Event {
-                    topic: format!("{prefix}{}", event.topic),
-                    ..event.clone()
-                };
-                &routed
+            let topic = format!("{prefix}{}", event.topic);
+            if !missing_topics.contains_key(&topic) {
+                let missing = self.missing_topic(&topic);
+                missing_topics.insert(topic.clone(), missing);
+            }
+            let sent = match &missing_topics[&topic] {
+                Some(missing) => Err(Outcome::Failed {
+                    error: missing.clone(),
+                }),
+                None => self
+                    .publisher
+                    .as_ref()
+                    .expect("publisher built before producing")
+                    .send(event, &topic),
             };
-            match publisher.send(event) {
+            match sent {
                 Ok(()) => {
                     waiting.insert(event.seq, i);
                 }
                 Err(outcome) => {
-                    stopped.push(events[i].aggregate_id.as_str());
+                    stopped.push(event.aggregate_id.as_str());
                     outcomes[i] = Some(outcome);
                 }
             }
@@ -274,6 +283,28 @@ impl Worker {
         self.await_reports(&mut waiting, &mut outcomes);
         warn_about_order_gaps(events, &outcomes);
         outcomes
+    }
+
+    /// The reason a topic cannot take events, if the broker says it does not exist. Confirmed
+    /// topics are remembered; others are asked about once per batch.
+    fn missing_topic(&mut self, topic: &str) -> Option<String> {
+        if self.known_topics.contains(topic) {
+            return None;
+        }
+        let publisher = self
+            .publisher
+            .as_ref()
+            .expect("publisher built before producing");
+        match publisher.check_topic(topic, TOPIC_CHECK_TIMEOUT) {
+            TopicCheck::Exists => {
+                self.known_topics.insert(topic.to_string());
+                None
+            }
+            TopicCheck::Missing(reason) => {
+                Some(format!("topic \"{topic}\" does not exist: {reason}"))
+            }
+            TopicCheck::Unknown(_) => None,
+        }
     }
 
     /// Drains reports until every sent event has an outcome. Signals are honoured between waits:

@@ -1,0 +1,42 @@
+# outbox_pg — build, test and demo on Debian bookworm with PostgreSQL 15.
+#   make demo   install what is missing, build, and show events reaching Kafka
+#   make test   lint, #[pg_test]s, and end-to-end tests against real Postgres and Kafka brokers
+
+PG_CONFIG   ?= /usr/bin/pg_config
+PGTEST_DIR  ?= /tmp/outbox_pg_pgtest
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+SUDO        := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: all deps install lint pgtest e2e test test-faults demo clean
+
+all: install
+
+deps:
+	scripts/install-deps.sh
+
+# Release build of the extension into the server's lib and extension directories.
+install: deps
+	cargo pgrx install --release --pg-config $(PG_CONFIG) $(if $(SUDO),--sudo)
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# #[pg_test]s and unit tests, in a throwaway cluster run as the postgres OS user.
+pgtest: deps
+	$(SUDO) mkdir -p $(PGTEST_DIR)
+	$(SUDO) chown postgres $(PGTEST_DIR)
+	cargo pgrx test pg15 --runas postgres --pgdata $(PGTEST_DIR)/data
+
+# End-to-end tests: clusters with the extension preloaded, Tansu and librdkafka's mock cluster.
+e2e: install
+	cargo test -p outbox_pg_e2e -- --test-threads=1
+
+test: deps lint pgtest e2e
+
+demo: install
+	scripts/demo.sh
+
+clean:
+	cargo clean
+	rm -rf $(PGTEST_DIR) /tmp/outbox_pg_e2e

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what outbox_pg needs to build and test on Debian bookworm, skipping what is present:
+# PostgreSQL 15 and its headers, clang, cargo-pgrx 0.18.0 (initialised for pg15), and Tansu 0.6.0.
+set -euo pipefail
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang cmake libssl-dev pkg-config sudo)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> apt-get install ${missing[*]}"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.0'; then
+    echo "==> cargo install cargo-pgrx 0.18.0 (about 7 minutes, once)"
+    cargo install cargo-pgrx --version 0.18.0 --locked
+fi
+if ! grep -qs '^pg15 *=' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+    echo "==> cargo pgrx init --pg15 /usr/bin/pg_config"
+    cargo pgrx init --pg15 /usr/bin/pg_config
+fi
+if ! tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
+    echo "==> cargo install tansu 0.6.0 (about 17 minutes, once)"
+    cargo install tansu --version 0.6.0 --locked --features dynostore
+fi

@@ -1,0 +1,246 @@
+//! A throwaway PostgreSQL 15 cluster with outbox_pg preloaded, run as the `postgres` OS user.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::{free_port, wait_until};
+
+/// Where Debian's PostgreSQL 15 binaries live (override with OUTBOX_PG_BIN).
+fn pg_bin() -> PathBuf {
+    std::env::var_os("OUTBOX_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+
+pub struct PgCluster {
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PgCluster {
+    /// initdb + start, with outbox_pg preloaded and `settings` appended to postgresql.conf.
+    pub fn start(settings: &[(&str, &str)]) -> Self {
+        let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/outbox_pg_e2e/{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        chown_postgres(&dir);
+        let cluster = PgCluster {
+            port: free_port(),
+            dir,
+        };
+        as_postgres(&[
+            pg_bin().join("initdb").to_str().unwrap(),
+            "-D",
+            cluster.data().to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ]);
+        let mut conf = format!(
+            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             shared_preload_libraries = 'outbox_pg'\nfsync = off\nlog_min_messages = info\n\
+             max_worker_processes = 16\nmax_prepared_transactions = 10\n",
+            cluster.port,
+            cluster.dir.display()
+        );
+        for (name, value) in settings {
+            conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+        }
+        let conf_path = cluster.data().join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap();
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing).unwrap();
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    /// A streaming-replication standby of this cluster (pg_basebackup -R), started.
+    pub fn start_standby(&self) -> PgCluster {
+        let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/outbox_pg_e2e/{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        chown_postgres(&dir);
+        let standby = PgCluster {
+            port: free_port(),
+            dir,
+        };
+        as_postgres(&[
+            pg_bin().join("pg_basebackup").to_str().unwrap(),
+            "-D",
+            standby.data().to_str().unwrap(),
+            "-R",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-X",
+            "stream",
+        ]);
+        let conf_path = standby.data().join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&conf_path).unwrap();
+        conf.push_str(&format!(
+            "port = {}\nunix_socket_directories = '{}'\n",
+            standby.port,
+            standby.dir.display()
+        ));
+        std::fs::write(&conf_path, conf).unwrap();
+        standby.pg_ctl_start();
+        standby
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary.
+    pub fn promote(&self) {
+        as_postgres(&[
+            pg_bin().join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.data().to_str().unwrap(),
+            "-w",
+            "promote",
+        ]);
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    pub fn pg_ctl_start(&self) {
+        as_postgres(&[
+            pg_bin().join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.data().to_str().unwrap(),
+            "-l",
+            self.log_path().to_str().unwrap(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]);
+    }
+
+    /// `pg_ctl stop` with the given mode (smart, fast, immediate).
+    pub fn pg_ctl_stop(&self, mode: &str) {
+        as_postgres(&[
+            pg_bin().join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.data().to_str().unwrap(),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "60",
+            "stop",
+        ]);
+    }
+
+    pub fn connect(&self) -> postgres::Client {
+        self.connect_to("postgres")
+    }
+
+    pub fn connect_to(&self, database: &str) -> postgres::Client {
+        let url = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={database}",
+            self.port
+        );
+        let mut last = None;
+        for _ in 0..100 {
+            match postgres::Client::connect(&url, postgres::NoTls) {
+                Ok(client) => return client,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("cannot connect to {url}: {last:?}");
+    }
+
+    /// Sets a server setting with ALTER SYSTEM and reloads the configuration.
+    pub fn set(&self, name: &str, value: &str) {
+        let mut client = self.connect();
+        client
+            .batch_execute(&format!(
+                "ALTER SYSTEM SET {name} = '{}'",
+                value.replace('\'', "''")
+            ))
+            .unwrap();
+        client.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Waits until the server log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
+    }
+
+    /// Pid of the database worker for `database`, from pg_stat_activity.
+    pub fn worker_pid(&self, database: &str) -> Option<i32> {
+        let mut client = self.connect();
+        client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox_pg worker' AND datname = $1",
+                &[&database],
+            )
+            .unwrap()
+            .map(|row| row.get(0))
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg_bin().join("pg_ctl"))
+            .args([
+                "-D",
+                self.data().to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+        if std::env::var_os("OUTBOX_KEEP_CLUSTERS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn chown_postgres(path: &Path) {
+    let status = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "chown {path:?}");
+}
+
+/// Runs a command as the `postgres` OS user (Postgres refuses to run as root).
+fn as_postgres(args: &[&str]) {
+    let output = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .output()
+        .expect("runuser");
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

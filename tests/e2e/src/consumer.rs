@@ -1,0 +1,104 @@
+//! A real Kafka consumer that reads whole topics from the beginning.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// One consumed message, decoded.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub payload: String,
+    pub headers: HashMap<String, String>,
+    /// When this consumer received it.
+    pub received_at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or("")
+    }
+
+    pub fn payload_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.payload).expect("payload is JSON")
+    }
+}
+
+pub struct TopicReader {
+    consumer: BaseConsumer,
+}
+
+impl TopicReader {
+    /// Assigns every partition of `topics` from the beginning (no consumer group).
+    pub fn new(bootstrap: &str, topics: &[&str]) -> Self {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("outbox-e2e-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .set("fetch.error.backoff.ms", "50")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        for topic in topics {
+            let partitions = crate::wait_for(Duration::from_secs(30), || {
+                let metadata = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .ok()?;
+                let count = metadata.topics().first()?.partitions().len();
+                (count > 0).then_some(count)
+            })
+            .unwrap_or_else(|| panic!("topic {topic} has no partitions"));
+            for partition in 0..partitions as i32 {
+                assignment
+                    .add_partition_offset(topic, partition, Offset::Beginning)
+                    .unwrap();
+            }
+        }
+        consumer.assign(&assignment).expect("assign");
+        TopicReader { consumer }
+    }
+
+    /// Reads until `expected` messages arrived in total or `timeout` passed.
+    pub fn read(&self, expected: usize, timeout: Duration) -> Vec<Received> {
+        let mut received = Vec::new();
+        self.read_into(&mut received, expected, timeout);
+        received
+    }
+
+    /// Appends to `received` until it holds `expected` messages or `timeout` passed.
+    pub fn read_into(&self, received: &mut Vec<Received>, expected: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while received.len() < expected && Instant::now() < deadline {
+            if let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(50)) {
+                received.push(decode(&message));
+            }
+        }
+    }
+}
+
+fn decode(message: &rdkafka::message::BorrowedMessage<'_>) -> Received {
+    let text =
+        |bytes: Option<&[u8]>| String::from_utf8_lossy(bytes.unwrap_or_default()).into_owned();
+    let mut headers = HashMap::new();
+    if let Some(list) = message.headers() {
+        for header in list.iter() {
+            headers.insert(header.key.to_string(), text(header.value));
+        }
+    }
+    Received {
+        topic: message.topic().to_string(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: text(message.key()),
+        payload: text(message.payload()),
+        headers,
+        received_at: Instant::now(),
+    }
+}

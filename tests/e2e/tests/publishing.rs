@@ -1,0 +1,488 @@
+//! Committed events reach Kafka with the documented key, headers and payload; rolled-back ones
+//! never do; one aggregate's events keep their emit order; the worker copes with missing
+//! brokers, databases and extensions without crash-looping.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outbox_pg_e2e::*;
+
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn cluster_for(broker: &str, extra: &[(&str, &str)]) -> PgCluster {
+    let mut settings = vec![
+        ("outbox.brokers", broker),
+        ("outbox.poll_interval", "200ms"),
+    ];
+    settings.extend_from_slice(extra);
+    let cluster = PgCluster::start(&settings);
+    cluster
+        .connect()
+        .batch_execute("CREATE EXTENSION outbox_pg")
+        .unwrap();
+    cluster
+}
+
+#[test]
+fn committed_events_arrive_with_key_headers_and_payload() {
+    let tansu = Tansu::start();
+    tansu.create_topic("order.created", 3);
+    tansu.create_topic("orders.custom", 2);
+    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let mut db = cluster.connect();
+
+    db.batch_execute(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, ref uuid NOT NULL, total numeric);
+         BEGIN;
+         INSERT INTO orders SELECT g, gen_random_uuid(), g * 1.5 FROM generate_series(1, 10) g;
+         SELECT outbox.emit('order.created', o.id, to_jsonb(o)) FROM orders o;
+         SELECT outbox.emit('order.created', o.ref, jsonb_build_object('ref', o.ref),
+                            jsonb_build_object('traceparent', '00-abc-01', 'tenant', 't' || o.id))
+           FROM orders o WHERE o.id <= 5;
+         SELECT outbox.emit('order.created', 'text-' || o.id, '{\"nested\": {\"a\": [1, 2]}}',
+                            topic => 'orders.custom')
+           FROM orders o WHERE o.id <= 4;
+         SELECT outbox.emit('order.created', 7::smallint, 'null');
+         SELECT outbox.emit('order.created', 8::integer, '\"just a string\"');
+         COMMIT;",
+    )
+    .unwrap();
+    assert!(
+        wait_until_published(&mut db, PUBLISH_TIMEOUT),
+        "events not published"
+    );
+
+    let reader = TopicReader::new(&tansu.bootstrap(), &["order.created", "orders.custom"]);
+    let received = reader.read(21, PUBLISH_TIMEOUT);
+    assert_eq!(received.len(), 21, "every committed event arrives once");
+
+    let rows = db
+        .query(
+            "SELECT id::text, event_type, aggregate_id, payload::text, coalesce(headers, '{}')::text,
+                    coalesce(topic, event_type),
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                    published_at IS NOT NULL, kafka_partition, kafka_offset
+             FROM outbox.events",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 21);
+    let by_id: HashMap<String, &Received> = received
+        .iter()
+        .map(|m| (m.header("outbox-id").to_string(), m))
+        .collect();
+    for row in &rows {
+        let id: String = row.get(0);
+        let message = by_id
+            .get(&id)
+            .unwrap_or_else(|| panic!("event {id} never arrived"));
+        assert_eq!(message.header("event-type"), row.get::<_, String>(1));
+        assert_eq!(message.key, row.get::<_, String>(2), "key = aggregate id");
+        assert_eq!(message.header("aggregate-id"), row.get::<_, String>(2));
+        let payload: serde_json::Value = serde_json::from_str(&row.get::<_, String>(3)).unwrap();
+        assert_eq!(message.payload_json(), payload, "value = payload");
+        let headers: serde_json::Value = serde_json::from_str(&row.get::<_, String>(4)).unwrap();
+        for (name, value) in headers.as_object().unwrap() {
+            assert_eq!(
+                message.header(name),
+                value.as_str().unwrap(),
+                "user header {name}"
+            );
+        }
+        assert_eq!(message.topic, row.get::<_, String>(5));
+        assert_eq!(
+            message.header("created-at"),
+            row.get::<_, String>(6),
+            "RFC 3339 created-at"
+        );
+        assert!(row.get::<_, bool>(7), "published_at is set");
+        assert_eq!(Some(message.partition), row.get::<_, Option<i32>>(8));
+        assert_eq!(Some(message.offset), row.get::<_, Option<i64>>(9));
+    }
+    // Integer and uuid ids are keyed by their canonical text.
+    assert!(received.iter().any(|m| m.key == "7"));
+    assert!(received
+        .iter()
+        .any(|m| m.key.len() == 36 && m.key.contains('-')));
+}
+
+#[test]
+fn rolled_back_transactions_publish_nothing() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let mut db = cluster.connect();
+    let emit = "SELECT outbox.emit('t', $1::text, '{}')::text";
+
+    let mut tx = db.transaction().unwrap();
+    let aborted: String = tx.query_one(emit, &[&"rolled-back"]).unwrap().get(0);
+    tx.rollback().unwrap();
+
+    let mut tx = db.transaction().unwrap();
+    let kept_before: String = tx.query_one(emit, &[&"kept-1"]).unwrap().get(0);
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    let in_savepoint: String = tx.query_one(emit, &[&"savepoint"]).unwrap().get(0);
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    let kept_after: String = tx.query_one(emit, &[&"kept-2"]).unwrap().get(0);
+    tx.commit().unwrap();
+
+    // A failed statement inside a PL/pgSQL exception block rolls its emit back too.
+    db.batch_execute(
+        "DO $$ BEGIN
+           BEGIN PERFORM outbox.emit('t', 'in-exception-block', '{}'); PERFORM 1 / 0;
+           EXCEPTION WHEN division_by_zero THEN NULL; END;
+         END $$;",
+    )
+    .unwrap();
+    let last: String = db.query_one(emit, &[&"last"]).unwrap().get(0);
+
+    assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+    let reader = TopicReader::new(&tansu.bootstrap(), &["t"]);
+    let received = reader.read(3, PUBLISH_TIMEOUT);
+    // Read a little longer: anything extra would be a phantom.
+    let mut received = received;
+    reader.read_into(&mut received, 4, Duration::from_secs(2));
+    let ids: Vec<&str> = received.iter().map(|m| m.header("outbox-id")).collect();
+    assert_eq!(
+        ids,
+        vec![kept_before.as_str(), kept_after.as_str(), last.as_str()]
+    );
+    assert!(!ids.contains(&aborted.as_str()) && !ids.contains(&in_savepoint.as_str()));
+    assert_eq!(
+        count_events(&mut db, "true"),
+        3,
+        "rolled-back rows do not exist"
+    );
+    assert!(received.iter().all(|m| m.key != "in-exception-block"));
+}
+
+#[test]
+fn same_aggregate_events_arrive_in_emit_order_across_sessions() {
+    const SESSIONS: usize = 4;
+    const AGGREGATES: i64 = 12;
+    const ROUNDS: i64 = 60;
+    let tansu = Tansu::start();
+    tansu.create_topic("counter.bumped", 3);
+    let cluster = cluster_for(&tansu.bootstrap(), &[("outbox.batch_size", "7")]);
+    cluster
+        .connect()
+        .batch_execute(&format!(
+            "CREATE TABLE counters (id bigint PRIMARY KEY, n int NOT NULL);
+             INSERT INTO counters SELECT g, 0 FROM generate_series(1, {AGGREGATES}) g;"
+        ))
+        .unwrap();
+
+    // Each session bumps random counters; the row lock orders writers of one aggregate, so
+    // n is that aggregate's emit order. Some transactions bump twice, some roll back.
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|s| {
+            let mut db = cluster.connect();
+            std::thread::spawn(move || {
+                let mut committed = 0;
+                for round in 0..ROUNDS {
+                    let aggregate = (round * 7 + s as i64 * 5) % AGGREGATES + 1;
+                    let mut tx = db.transaction().unwrap();
+                    for _ in 0..(1 + round % 2) {
+                        tx.execute(
+                            "WITH bumped AS (UPDATE counters SET n = n + 1 WHERE id = $1 RETURNING id, n)
+                             SELECT outbox.emit('counter.bumped', id, jsonb_build_object('n', n)) FROM bumped",
+                            &[&aggregate],
+                        )
+                        .unwrap();
+                    }
+                    if round % 9 == 4 {
+                        tx.rollback().unwrap();
+                    } else {
+                        tx.commit().unwrap();
+                        committed += 1 + round % 2;
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    let committed: i64 = sessions.into_iter().map(|s| s.join().unwrap()).sum();
+
+    let mut db = cluster.connect();
+    assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+    let reader = TopicReader::new(&tansu.bootstrap(), &["counter.bumped"]);
+    let received = reader.read(committed as usize, PUBLISH_TIMEOUT);
+    assert_eq!(received.len() as i64, committed);
+
+    let mut last_n: HashMap<String, i64> = HashMap::new();
+    for message in &received {
+        let n = message.payload_json()["n"].as_i64().unwrap();
+        let previous = last_n.insert(message.key.clone(), n).unwrap_or(0);
+        assert_eq!(
+            n,
+            previous + 1,
+            "aggregate {} jumped from {previous} to {n}",
+            message.key
+        );
+    }
+    let final_counts: Vec<(i64, i32)> = db
+        .query("SELECT id, n FROM counters", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (id, n) in final_counts {
+        assert_eq!(
+            last_n.get(&id.to_string()).copied().unwrap_or(0),
+            n as i64,
+            "aggregate {id}"
+        );
+    }
+}
+
+#[test]
+fn worker_waits_for_broker_down_at_start_and_publishes_once_it_is_up() {
+    let port = free_port();
+    let cluster = cluster_for(&format!("127.0.0.1:{port}"), &[]);
+    let mut db = cluster.connect();
+    db.batch_execute(
+        "SELECT outbox.emit('late', g, jsonb_build_object('g', g)) FROM generate_series(1, 10) g",
+    )
+    .unwrap();
+    assert!(
+        cluster.wait_for_log("Kafka broker problem", Duration::from_secs(30)),
+        "the broker error is logged"
+    );
+    let worker = cluster.worker_pid("postgres").expect("worker running");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count_events(&mut db, "published_at IS NOT NULL"), 0);
+    assert_eq!(
+        count_events(&mut db, "publish_attempts > 0"),
+        0,
+        "an outage is not the events' fault"
+    );
+    assert_eq!(
+        cluster.worker_pid("postgres"),
+        Some(worker),
+        "the worker did not restart"
+    );
+
+    let tansu = Tansu::start_on(port);
+    tansu.create_topic("late", 2);
+    assert!(
+        wait_until_published(&mut db, PUBLISH_TIMEOUT),
+        "published once the broker is up"
+    );
+    let received = TopicReader::new(&tansu.bootstrap(), &["late"]).read(10, PUBLISH_TIMEOUT);
+    assert_eq!(received.len(), 10);
+    assert!(cluster.wait_for_log("reachable again", Duration::from_secs(10)));
+}
+
+#[test]
+fn worker_waits_for_its_database_and_extension_without_crash_looping() {
+    let tansu = Tansu::start();
+    tansu.create_topic("app.event", 1);
+    let cluster = PgCluster::start(&[
+        ("outbox.brokers", &tansu.bootstrap()),
+        ("outbox.database", "appdb"),
+        ("outbox.poll_interval", "200ms"),
+    ]);
+    assert!(cluster.wait_for_log(
+        "database \"appdb\" does not exist; waiting",
+        Duration::from_secs(20)
+    ));
+    cluster
+        .connect()
+        .batch_execute("CREATE DATABASE appdb")
+        .unwrap();
+    assert!(cluster.wait_for_log("the extension is not installed", Duration::from_secs(20)));
+    let worker = cluster
+        .worker_pid("appdb")
+        .expect("worker connected to appdb");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        cluster.worker_pid("appdb"),
+        Some(worker),
+        "no restart while waiting"
+    );
+
+    let mut app = cluster.connect_to("appdb");
+    app.batch_execute("CREATE EXTENSION outbox_pg; SELECT outbox.emit('app.event', 1, '{}');")
+        .unwrap();
+    assert!(wait_until_published(&mut app, PUBLISH_TIMEOUT));
+    assert_eq!(cluster.worker_pid("appdb"), Some(worker));
+    assert!(
+        !cluster.log().contains("exited with exit code"),
+        "{}",
+        cluster.log()
+    );
+}
+
+#[test]
+fn worker_is_visible_to_operators_and_restarted_after_termination() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let mut db = cluster.connect();
+    let types: Vec<String> = db
+        .query(
+            "SELECT backend_type FROM pg_stat_activity WHERE backend_type LIKE 'outbox_pg%' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, vec!["outbox_pg launcher", "outbox_pg worker"]);
+
+    let first = cluster.worker_pid("postgres").unwrap();
+    db.execute("SELECT pg_terminate_backend($1)", &[&first])
+        .unwrap();
+    assert!(cluster.wait_for_log(
+        "worker for database \"postgres\" stopped",
+        Duration::from_secs(10)
+    ));
+    let second = wait_for(Duration::from_secs(30), || {
+        cluster.worker_pid("postgres").filter(|pid| *pid != first)
+    })
+    .expect("the launcher restarts the worker");
+    assert_ne!(first, second);
+    db.batch_execute("SELECT outbox.emit('t', 1, '{}')")
+        .unwrap();
+    assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+}
+
+#[test]
+fn retention_deletes_old_published_events_only() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let mut db = cluster.connect();
+    db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 2500) g")
+        .unwrap();
+    // Not publishable (no such topic on this broker) so it stays: retention never touches it.
+    db.batch_execute("SELECT outbox.emit('t', 'x', '{}', topic => 'absent.topic')")
+        .unwrap();
+    assert!(wait_until(PUBLISH_TIMEOUT, || count_events(
+        &mut db,
+        "published_at IS NOT NULL"
+    ) == 2500));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count_events(&mut db, "true"),
+        2501,
+        "the default retention keeps a week"
+    );
+    cluster.set("outbox.retention", "2s");
+    assert!(
+        wait_until(Duration::from_secs(30), || count_events(
+            &mut db,
+            "published_at IS NOT NULL"
+        ) == 0),
+        "published rows older than outbox.retention are deleted"
+    );
+    assert_eq!(count_events(&mut db, "published_at IS NULL"), 1);
+}
+
+#[test]
+fn standby_publishes_only_after_promotion() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let primary = cluster_for(&tansu.bootstrap(), &[("wal_level", "replica")]);
+    let standby = primary.start_standby();
+    let mut db = primary.connect();
+    db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 5) g")
+        .unwrap();
+    assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+    let mut replica = standby.connect();
+    assert!(wait_until(Duration::from_secs(30), || count_events(
+        &mut replica,
+        "published_at IS NOT NULL"
+    ) == 5));
+    let outbox_processes: i64 = replica
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'outbox_pg%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        outbox_processes, 0,
+        "nothing of outbox_pg runs on a standby"
+    );
+
+    // Failover: the primary goes away, the standby is promoted and takes over publishing.
+    drop(db);
+    primary.pg_ctl_stop("fast");
+    standby.promote();
+    let mut promoted = standby.connect();
+    promoted
+        .batch_execute("SELECT outbox.emit('t', 'after-failover', '{}')")
+        .unwrap();
+    assert!(
+        wait_until_published(&mut promoted, PUBLISH_TIMEOUT),
+        "the promoted standby publishes"
+    );
+    let received = TopicReader::new(&tansu.bootstrap(), &["t"]).read(6, PUBLISH_TIMEOUT);
+    assert_eq!(received.len(), 6);
+    assert_eq!(received[5].key, "after-failover");
+}
+
+#[test]
+fn shutdown_does_not_wait_for_an_absent_broker_and_loses_nothing() {
+    let port = free_port();
+    let cluster = cluster_for(&format!("127.0.0.1:{port}"), &[]);
+    let mut db = cluster.connect();
+    db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 20) g")
+        .unwrap();
+    assert!(cluster.wait_for_log("Kafka broker problem", Duration::from_secs(30)));
+    drop(db);
+    // pg_ctl gives up (and the harness fails) if the worker held shutdown for 60 s.
+    cluster.pg_ctl_stop("fast");
+    assert!(cluster
+        .log()
+        .contains("worker for database \"postgres\" stopped"));
+
+    let tansu = Tansu::start_on(port);
+    tansu.create_topic("t", 1);
+    cluster.pg_ctl_start();
+    let mut db = cluster.connect();
+    assert_eq!(count_events(&mut db, "publish_attempts > 0"), 0);
+    assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+    assert_eq!(
+        TopicReader::new(&tansu.bootstrap(), &["t"])
+            .read(20, PUBLISH_TIMEOUT)
+            .len(),
+        20
+    );
+}
+
+#[test]
+fn worker_killed_with_sigkill_comes_back_and_publishes() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let worker = cluster.worker_pid("postgres").expect("worker running");
+    // SIGKILL of a process with shared memory makes the postmaster restart every backend.
+    std::process::Command::new("kill")
+        .args(["-9", &worker.to_string()])
+        .status()
+        .unwrap();
+    assert!(cluster.wait_for_log(
+        "all server processes terminated; reinitializing",
+        Duration::from_secs(30)
+    ));
+    let restarted = wait_for(Duration::from_secs(60), || {
+        std::panic::catch_unwind(|| cluster.worker_pid("postgres"))
+            .ok()
+            .flatten()
+            .filter(|p| *p != worker)
+    })
+    .expect("worker back after the crash restart");
+    assert_ne!(restarted, worker);
+    let mut db = cluster.connect();
+    db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 5) g")
+        .unwrap();
+    assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+    assert_eq!(
+        TopicReader::new(&tansu.bootstrap(), &["t"])
+            .read(5, PUBLISH_TIMEOUT)
+            .len(),
+        5
+    );
+}
