@@ -1,1 +1,342 @@
+//! Building blocks of `make bench`: broker processes, the baseline relay, load generators and
+//! latency statistics. Every figure is measured in the same run on the same machine.
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outbox_pg_e2e::{PgCluster, Tansu, TopicReader};
+
+/// A sibling binary of this one (mock-broker, baseline-relay).
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join(name)
+}
+
+/// The broker a scenario runs against.
+pub enum Broker {
+    /// librdkafka's mock cluster in its own process: measures outbox_pg's own ceiling.
+    Mock {
+        child: Child,
+        _stdin: ChildStdin,
+        bootstrap: String,
+    },
+    Tansu(Tansu),
+}
+
+impl Broker {
+    pub fn mock(topics: &[(&str, i32)]) -> Self {
+        let mut child = Command::new(sibling("mock-broker"))
+            .args(topics.iter().map(|(t, p)| format!("{t}:{p}")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("mock-broker");
+        let stdin = child.stdin.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Broker::Mock {
+            child,
+            _stdin: stdin,
+            bootstrap: line.trim().to_string(),
+        }
+    }
+
+    pub fn tansu(topics: &[(&str, i32)]) -> Self {
+        let tansu = Tansu::start();
+        for (topic, partitions) in topics {
+            tansu.create_topic(topic, *partitions);
+        }
+        Broker::Tansu(tansu)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        match self {
+            Broker::Mock { bootstrap, .. } => bootstrap.clone(),
+            Broker::Tansu(t) => t.bootstrap(),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Broker::Mock { .. } => "mock cluster",
+            Broker::Tansu(_) => "Tansu",
+        }
+    }
+
+    /// Events stored on `topic`. The mock cluster keeps only its last 100,000 messages per
+    /// partition, so it is asked for its high watermarks; Tansu's watermarks lag, so its topic is
+    /// read back by a consumer, counting distinct `outbox-id`s.
+    pub fn stored(&self, topic: &str, expected: usize) -> i64 {
+        match self {
+            Broker::Mock { .. } => self.high_watermarks(topic),
+            Broker::Tansu(_) => self.distinct_ids(topic, expected),
+        }
+    }
+
+    fn high_watermarks(&self, topic: &str) -> i64 {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("group.id", "bench-watermarks")
+            .create()
+            .unwrap();
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                    .unwrap()
+                    .1
+            })
+            .sum()
+    }
+
+    fn distinct_ids(&self, topic: &str, expected: usize) -> i64 {
+        let reader = TopicReader::new(&self.bootstrap(), &[topic]);
+        let mut messages = Vec::new();
+        reader.read_into(&mut messages, expected, Duration::from_secs(120));
+        // Anything beyond `expected` would be a duplicate: read a moment longer to see it.
+        reader.read_into(&mut messages, expected + 1, Duration::from_secs(1));
+        let ids: std::collections::HashSet<&str> =
+            messages.iter().map(|m| m.header("outbox-id")).collect();
+        ids.len() as i64
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Broker::Mock { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The classic polling relay in its own process, against `classic_outbox`.
+pub struct BaselineRelay(Child);
+
+impl BaselineRelay {
+    pub fn start(cluster: &PgCluster, brokers: &str, topic: &str) -> Self {
+        let url = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            cluster.port
+        );
+        BaselineRelay(
+            Command::new(sibling("baseline-relay"))
+                .args([&url, brokers, topic, "1000", "100"])
+                .spawn()
+                .expect("baseline-relay"),
+        )
+    }
+}
+
+impl Drop for BaselineRelay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The classic outbox table people write by hand: random UUIDv4 key, partial index for the relay.
+pub const CLASSIC_OUTBOX: &str = "
+    CREATE TABLE classic_outbox (
+        id           uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+        aggregate_id text        NOT NULL,
+        event_type   text        NOT NULL,
+        payload      jsonb       NOT NULL,
+        created_at   timestamptz NOT NULL DEFAULT now(),
+        published_at timestamptz
+    );
+    CREATE INDEX classic_outbox_unpublished ON classic_outbox (created_at) WHERE published_at IS NULL;";
+
+/// A ~200-byte order payload as a SQL expression of `g` (the event number).
+pub const PAYLOAD_SQL: &str =
+    "jsonb_build_object('order_id', g, 'customer', 'customer-' || (g % 1000),
+        'amount', round((g % 997) * 1.37, 2), 'currency', 'EUR',
+        'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || (g % 89), 'qty', 1 + g % 3)),
+        'note', repeat('n', 40))";
+
+/// The same payload as a literal, for pgbench scripts and rate emitters.
+pub const PAYLOAD_LITERAL: &str = r#"{"order_id": 123456, "customer": "customer-456", "amount": 624.35, "currency": "EUR", "items": [{"sku": "SKU-42", "qty": 2}], "note": "nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn"}"#;
+
+/// Latency percentiles of one run.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub sent: usize,
+    pub received: usize,
+    pub p50: Duration,
+    pub p95: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    /// Some events were not received within the window: figures are lower bounds.
+    pub censored: bool,
+}
+
+impl Summary {
+    /// From per-event latencies; events never received count as `window_left` (censored).
+    pub fn of(mut latencies: Vec<Duration>, sent: usize, censored_at: &[Duration]) -> Summary {
+        let received = latencies.len();
+        latencies.extend_from_slice(censored_at);
+        latencies.sort();
+        let at = |q: f64| {
+            if latencies.is_empty() {
+                Duration::ZERO
+            } else {
+                latencies
+                    [((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1]
+            }
+        };
+        Summary {
+            sent,
+            received,
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+            max: latencies.last().copied().unwrap_or_default(),
+            censored: !censored_at.is_empty(),
+        }
+    }
+
+    pub fn cells(&self) -> [String; 4] {
+        let mark = if self.censored { "≥" } else { "" };
+        [self.p50, self.p95, self.p99, self.max].map(|d| format!("{mark}{}", ms(d)))
+    }
+}
+
+pub fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms >= 100.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
+/// Commit instants (by event id) and receive instants, filled by emitters and a consumer.
+#[derive(Default)]
+pub struct Clock {
+    pub committed: Mutex<HashMap<String, Instant>>,
+    pub received: Mutex<HashMap<String, Instant>>,
+}
+
+impl Clock {
+    /// Latencies of events committed in `[from, to)`; events not received are censored at `end`.
+    pub fn summary(&self, from: Instant, to: Instant, end: Instant) -> Summary {
+        let committed = self.committed.lock().unwrap();
+        let received = self.received.lock().unwrap();
+        let mut latencies = Vec::new();
+        let mut censored = Vec::new();
+        let mut sent = 0;
+        for (id, at) in committed.iter().filter(|(_, at)| **at >= from && **at < to) {
+            sent += 1;
+            match received.get(id) {
+                Some(r) => latencies.push(r.saturating_duration_since(*at)),
+                None => censored.push(end.saturating_duration_since(*at)),
+            }
+        }
+        Summary::of(latencies, sent, &censored)
+    }
+}
+
+/// Reads `topic` in a thread, stamping the receive instant of each `outbox-id`.
+pub fn start_consumer(
+    bootstrap: &str,
+    topic: &str,
+    clock: Arc<Clock>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let reader = TopicReader::new(bootstrap, &[topic]);
+    std::thread::spawn(move || {
+        let mut batch = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            batch.clear();
+            reader.read_into(&mut batch, 1, Duration::from_millis(20));
+            let mut received = clock.received.lock().unwrap();
+            for message in &batch {
+                received
+                    .entry(message.header("outbox-id").to_string())
+                    .or_insert(message.received_at);
+            }
+        }
+    })
+}
+
+/// Emits single-event transactions at `rate` per second for `duration` from `connections`
+/// sessions (open loop: a late session catches up, it does not slow the schedule down).
+/// `statement` takes the aggregate id ($1, text) and returns the event id as text.
+pub fn emit_at_rate(
+    cluster: &PgCluster,
+    statement: &str,
+    rate: u32,
+    duration: Duration,
+    connections: u32,
+    clock: Arc<Clock>,
+) {
+    let start = Instant::now() + Duration::from_millis(200);
+    let per_session = rate as f64 / connections as f64;
+    let threads: Vec<_> = (0..connections)
+        .map(|session| {
+            let mut db = cluster.connect();
+            let statement = db.prepare(statement).unwrap();
+            let clock = clock.clone();
+            std::thread::spawn(move || {
+                let interval = Duration::from_secs_f64(1.0 / per_session);
+                let offset = interval.mul_f64(session as f64 / connections as f64);
+                let mut n: u64 = 0;
+                loop {
+                    let due = start + offset + interval.mul_f64(n as f64);
+                    if due >= start + duration {
+                        break;
+                    }
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let aggregate = ((n * connections as u64 + session as u64) % 1000).to_string();
+                    let id: String = db.query_one(&statement, &[&aggregate]).unwrap().get(0);
+                    clock.committed.lock().unwrap().insert(id, Instant::now());
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// A one-line description of this machine for the results file.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown CPU")
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    format!("{cores} cores ({cpu}), {} GiB RAM", mem_kb / 1024 / 1024)
+}
