@@ -2,7 +2,9 @@
 
 -- emit(): write an event in the caller's transaction. It commits or rolls back with it.
 -- One overload per aggregate id type, so text, uuid and integer ids need no cast.
--- SECURITY DEFINER: callers need EXECUTE on emit(), not INSERT on the table; search_path is pinned.
+-- SECURITY DEFINER: callers need EXECUTE on emit(), not INSERT on the table. emit() resolves names
+-- with search_path pinned to pg_catalog alone (never the caller's schemas or pg_temp), in C: a
+-- SET clause here would cost a configuration save and restore on every call.
 CREATE FUNCTION outbox.emit(
     event_type   text,
     aggregate_id text,
@@ -11,7 +13,6 @@ CREATE FUNCTION outbox.emit(
     topic        text  DEFAULT NULL
 ) RETURNS uuid
     LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
     AS 'MODULE_PATHNAME', 'outbox_emit_text';
 
 CREATE FUNCTION outbox.emit(
@@ -22,7 +23,6 @@ CREATE FUNCTION outbox.emit(
     topic        text  DEFAULT NULL
 ) RETURNS uuid
     LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
     AS 'MODULE_PATHNAME', 'outbox_emit_uuid';
 
 CREATE FUNCTION outbox.emit(
@@ -33,7 +33,6 @@ CREATE FUNCTION outbox.emit(
     topic        text  DEFAULT NULL
 ) RETURNS uuid
     LANGUAGE c VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
     AS 'MODULE_PATHNAME', 'outbox_emit_int8';
 
 COMMENT ON FUNCTION outbox.emit(text, text, jsonb, jsonb, text) IS

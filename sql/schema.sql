@@ -37,10 +37,26 @@ CREATE INDEX events_pending ON outbox.events (seq)
 CREATE INDEX events_retrying ON outbox.events (aggregate_id, seq)
     WHERE published_at IS NULL AND next_attempt_at IS NOT NULL;
 
--- Retention: published rows by age.
-CREATE INDEX events_published ON outbox.events (published_at)
-    WHERE published_at IS NOT NULL;
+-- Dead events (outbox.max_attempts failures), for operators.
+CREATE INDEX events_dead ON outbox.events (seq)
+    WHERE published_at IS NULL AND publish_attempts > 0 AND next_attempt_at IS NULL;
+
+-- These partial indexes hold only unpublished or failed rows, so they stay small; a new row
+-- enters events_pending only.
+
+-- Retention needs no index of its own: ids are time-ordered (UUIDv7), so the primary key finds
+-- old rows; every index here is one more thing each emit() must maintain.
 
 -- Nobody writes the table directly: emit() inserts, the worker updates and deletes.
 REVOKE ALL ON outbox.events FROM PUBLIC;
 GRANT USAGE ON SCHEMA outbox TO PUBLIC;
+
+-- Worker control: one row. outbox.pause() / outbox.resume() set it; it survives restarts.
+CREATE TABLE outbox.control (
+    singleton  boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    paused     boolean     NOT NULL DEFAULT false,
+    paused_at  timestamptz,
+    paused_by  text
+);
+INSERT INTO outbox.control DEFAULT VALUES;
+REVOKE ALL ON outbox.control FROM PUBLIC;

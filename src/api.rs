@@ -261,11 +261,22 @@ fn insert_event(id: uuid::Uuid, event: &NewEvent) {
         null(event.topic.is_none()),
     ];
     // SAFETY: called from a SQL function inside a transaction, the only place SPI may connect;
-    // values and nulls have exactly the six entries the plan declares.
+    // values and nulls have exactly the six entries the plan declares. The search path pushed
+    // here is popped below, or by transaction abort if the insert raises an error.
     unsafe {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             pgrx::error!("outbox.emit: SPI_connect failed");
         }
+        // emit() runs with its owner's rights: resolve names in pg_catalog only, never in the
+        // caller's schemas or pg_temp. The plan keeps this path; Postgres replans only if the
+        // active path differs, so it is pushed on every call.
+        let mut catalog_only = pg_sys::OverrideSearchPath {
+            schemas: std::ptr::null_mut(),
+            addCatalog: true,
+            addTemp: false,
+            generation: 0,
+        };
+        pg_sys::PushOverrideSearchPath(&mut catalog_only);
         let plan = INSERT_PLAN.with(|cell| {
             if cell.get().is_null() {
                 let mut types = [
@@ -288,6 +299,7 @@ fn insert_event(id: uuid::Uuid, event: &NewEvent) {
         if rc != pg_sys::SPI_OK_INSERT as i32 {
             pgrx::error!("outbox.emit: insert into outbox.events failed (SPI code {rc})");
         }
+        pg_sys::PopOverrideSearchPath();
         pg_sys::SPI_finish();
     }
 }

@@ -46,7 +46,7 @@ pub enum Report {
 const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("acks", "all"),
-    ("linger.ms", "5"),
+    ("linger.ms", "1"),
     ("queue.buffering.max.messages", "1000000"),
     ("reconnect.backoff.max.ms", "2000"),
     ("client.id", "outbox_pg"),

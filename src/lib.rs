@@ -6,6 +6,7 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+mod admin;
 mod api;
 mod error;
 mod event;
@@ -23,6 +24,11 @@ mod worker;
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!("../sql/api.sql", name = "api", requires = ["schema"]);
+pgrx::extension_sql_file!(
+    "../sql/admin.sql",
+    name = "admin",
+    requires = ["schema", admin::worker_state, admin::wake]
+);
 
 /// Library load: settings and the commit hook everywhere; shared memory and the launcher only
 /// when loaded through `shared_preload_libraries` (the postmaster, at startup).

@@ -18,16 +18,22 @@ const EVENT_COLUMNS: &str = "e.seq, e.id, e.event_type, e.aggregate_id, e.payloa
      e.publish_attempts";
 
 /// An event is held back while an earlier event of its aggregate waits for a retry. Dead events
-/// (next_attempt_at IS NULL) do not hold anything back. Probes the small `events_retrying` index.
+/// (next_attempt_at IS NULL) do not hold anything back. `OFFSET 0` keeps it a per-row probe of the
+/// small `events_retrying` index: as an anti-join Postgres would compare every claimed row with
+/// every retrying one.
 const NOT_BEHIND_A_RETRY: &str = "NOT EXISTS (
         SELECT 1 FROM outbox.events r
         WHERE r.published_at IS NULL AND r.next_attempt_at IS NOT NULL
-          AND r.aggregate_id = e.aggregate_id AND r.seq < e.seq)";
+          AND r.aggregate_id = e.aggregate_id AND r.seq < e.seq
+        OFFSET 0)";
 
 /// The worker's prepared statements. Plans live across transactions (SPI_keepplan); Postgres
 /// revalidates them after DDL on the table.
 pub struct Store {
+    paused: OwnedPreparedStatement,
+    any_retrying: OwnedPreparedStatement,
     claim_fresh: OwnedPreparedStatement,
+    claim_fresh_behind_retries: OwnedPreparedStatement,
     claim_due_retries: OwnedPreparedStatement,
     mark_published: OwnedPreparedStatement,
     record_failures: OwnedPreparedStatement,
@@ -47,7 +53,26 @@ impl Store {
     pub fn prepare() -> SpiResult<Self> {
         Spi::connect(|client| {
             Ok(Store {
+                paused: prepare(client, "SELECT paused FROM outbox.control", &[], false)?,
+                any_retrying: prepare(
+                    client,
+                    "SELECT EXISTS (SELECT 1 FROM outbox.events
+                                    WHERE published_at IS NULL AND next_attempt_at IS NOT NULL)",
+                    &[],
+                    false,
+                )?,
+                // Nothing retrying (the usual case): a plain walk of events_pending.
                 claim_fresh: prepare(
+                    client,
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM outbox.events e
+                         WHERE e.published_at IS NULL AND e.publish_attempts = 0
+                         ORDER BY e.seq LIMIT $1"
+                    ),
+                    &[INT4OID],
+                    false,
+                )?,
+                claim_fresh_behind_retries: prepare(
                     client,
                     &format!(
                         "SELECT {EVENT_COLUMNS} FROM outbox.events e
@@ -97,22 +122,45 @@ impl Store {
                     &[UUID_ARRAY, TEXT_ARRAY, INT4OID, INT4OID, INT4OID],
                     true,
                 )?,
+                // An event is published after it was emitted, so its UUIDv7 id (emit time) is
+                // below the cutoff too: the primary key bounds the scan.
                 expire_published: prepare(
                     client,
                     "DELETE FROM outbox.events WHERE id IN (
                          SELECT id FROM outbox.events
-                         WHERE published_at < clock_timestamp() - $1::float8 * interval '1 second'
-                         ORDER BY published_at LIMIT $2)",
-                    &[INT4OID, INT4OID],
+                         WHERE id < $1 AND published_at < clock_timestamp() - $2::float8 * interval '1 second'
+                         ORDER BY id LIMIT $3)",
+                    &[pg_sys::UUIDOID, INT4OID, INT4OID],
                     true,
                 )?,
             })
         })
     }
 
+    /// True while `outbox.pause()` is in effect.
+    pub fn paused(&self) -> SpiResult<bool> {
+        Spi::connect(|client| {
+            client
+                .select(&self.paused, None, &[])?
+                .first()
+                .get_one::<bool>()
+        })
+        .map(|paused| paused.unwrap_or(false))
+    }
+
     /// Up to `limit` never-tried events in emission order, skipping those held back by a retry.
     pub fn claim_fresh(&self, limit: i32) -> SpiResult<Vec<Event>> {
-        self.claim(&self.claim_fresh, limit)
+        let any_retrying = Spi::connect(|client| {
+            client
+                .select(&self.any_retrying, None, &[])?
+                .first()
+                .get_one::<bool>()
+        })?;
+        if any_retrying == Some(true) {
+            self.claim(&self.claim_fresh_behind_retries, limit)
+        } else {
+            self.claim(&self.claim_fresh, limit)
+        }
     }
 
     /// Up to `limit` failed events whose retry time has come, first per aggregate only.
@@ -173,14 +221,24 @@ impl Store {
         })
     }
 
-    /// Deletes up to `limit` of the oldest rows published more than `retention_s` seconds ago.
-    pub fn expire_published(&self, retention_s: i32, limit: i32) -> SpiResult<usize> {
+    /// Deletes up to `limit` of the oldest rows published more than `retention` ago.
+    pub fn expire_published(&self, retention: std::time::Duration, limit: i32) -> SpiResult<usize> {
+        let cutoff = std::time::SystemTime::now() - retention;
+        let since_epoch = cutoff
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        // The smallest UUIDv7 of the cutoff millisecond.
+        let bound =
+            uuid::Builder::from_unix_timestamp_millis(since_epoch.as_millis() as u64, &[0; 10])
+                .into_uuid();
+        let bound = pgrx::Uuid::from_bytes(*bound.as_bytes());
+        let retention_s = i32::try_from(retention.as_secs()).unwrap_or(i32::MAX);
         Spi::connect_mut(|client| {
             Ok(client
                 .update(
                     &self.expire_published,
                     None,
-                    &[retention_s.into(), limit.into()],
+                    &[bound.into(), retention_s.into(), limit.into()],
                 )?
                 .len())
         })

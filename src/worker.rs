@@ -18,7 +18,7 @@ use crate::event::{Event, Outcome, Seq};
 use crate::guc;
 use crate::kafka::{ProducerSettings, Publisher, Report, TopicCheck};
 use crate::ordering::{plan_round, RoundPlan};
-use crate::shared::{self, WorkerSlot, WorkerState};
+use crate::shared::{self, Connectivity, WorkerSlot, WorkerState};
 use crate::store::{self, RetryPolicy, Store};
 
 /// Retries sent per round; each waits for its own report, so they are kept few per round to let
@@ -99,6 +99,8 @@ struct Worker {
 struct RoundResult {
     /// Events known to be waiting right now (a full claim, or events deferred for order).
     more_waiting: bool,
+    /// `outbox.pause()` is in effect: nothing was claimed.
+    paused: bool,
 }
 
 impl Worker {
@@ -122,11 +124,13 @@ impl Worker {
                 last_expiry = Instant::now();
             }
             if !round.more_waiting {
-                self.set_state(if self.broker.unreachable() {
-                    WorkerState::BrokerUnreachable
-                } else {
-                    WorkerState::Idle
-                });
+                if !round.paused {
+                    self.set_state(if self.broker.unreachable() {
+                        WorkerState::BrokerUnreachable
+                    } else {
+                        WorkerState::Idle
+                    });
+                }
                 self.sleep(poll_interval());
             }
         }
@@ -208,15 +212,25 @@ impl Worker {
     fn publish_round(&mut self) -> RoundResult {
         let batch_size = guc::BATCH_SIZE.get();
         let store = self.store.as_ref().expect("ready");
-        let (retries, fresh) = in_transaction("outbox_pg: claiming events", || {
+        let claimed = in_transaction("outbox_pg: claiming events", || {
+            if store.paused().unwrap_or_else(|e| pgrx::error!("{e}")) {
+                return None;
+            }
             let retries = store
                 .claim_due_retries(RETRIES_PER_ROUND)
                 .unwrap_or_else(|e| pgrx::error!("{e}"));
             let fresh = store
                 .claim_fresh(batch_size)
                 .unwrap_or_else(|e| pgrx::error!("{e}"));
-            (retries, fresh)
+            Some((retries, fresh))
         });
+        let Some((retries, fresh)) = claimed else {
+            self.set_state(WorkerState::Paused);
+            return RoundResult {
+                more_waiting: false,
+                paused: true,
+            };
+        };
         let claimed_full = fresh.len() >= batch_size as usize;
         let RoundPlan {
             retries,
@@ -226,6 +240,7 @@ impl Worker {
         if retries.is_empty() && batch.is_empty() {
             return RoundResult {
                 more_waiting: deferred > 0,
+                paused: false,
             };
         }
         self.set_state(WorkerState::Publishing);
@@ -239,6 +254,7 @@ impl Worker {
         self.record(&batch, &outcomes);
         RoundResult {
             more_waiting: claimed_full || deferred > 0 || !retries.is_empty(),
+            paused: false,
         }
     }
 
@@ -377,13 +393,20 @@ impl Worker {
             .iter()
             .zip(outcomes)
             .filter_map(|(event, outcome)| outcome.as_ref().map(|o| (event, o)));
-        in_transaction("outbox_pg: recording outcomes", || {
+        let (published, _) = in_transaction("outbox_pg: recording outcomes", || {
             store
                 .record(recorded, policy)
                 .unwrap_or_else(|e| pgrx::error!("{e}"))
         });
+        if published > 0 {
+            self.slot.count_published(published as u64);
+        }
         for (event, outcome) in events.iter().zip(outcomes) {
             if let Some(Outcome::Failed { error }) = outcome {
+                self.slot.record_error(&format!(
+                    "event {} ({}): {error}",
+                    event.id, event.event_type
+                ));
                 if event.attempts + 1 >= policy.max_attempts {
                     warning!(
                         "outbox_pg: event {} ({} for aggregate {}) is dead after {} failed attempts: {error}",
@@ -403,7 +426,7 @@ impl Worker {
         let store = self.store.as_ref().expect("ready");
         in_transaction("outbox_pg: expiring published events", || {
             store
-                .expire_published(retention, EXPIRE_CHUNK)
+                .expire_published(Duration::from_secs(retention as u64), EXPIRE_CHUNK)
                 .unwrap_or_else(|e| pgrx::error!("{e}"))
         })
     }
@@ -582,6 +605,8 @@ impl BrokerHealth {
 
     fn unreachable_because(&mut self, slot: &WorkerSlot, error: &str) {
         slot.set_state(WorkerState::BrokerUnreachable);
+        slot.set_broker(Connectivity::Unreachable);
+        slot.record_error(error);
         self.down_since.get_or_insert_with(Instant::now);
         if self
             .last_logged
@@ -598,6 +623,7 @@ impl BrokerHealth {
     }
 
     fn reachable(&mut self, slot: &WorkerSlot) {
+        slot.set_broker(Connectivity::Connected);
         if let Some(since) = self.down_since.take() {
             log!(
                 "outbox_pg: Kafka broker reachable again after {:.1}s",

@@ -232,7 +232,9 @@ fn chown_postgres(path: &Path) {
 
 /// Runs a command as the `postgres` OS user (Postgres refuses to run as root).
 fn as_postgres(args: &[&str]) {
+    // The server inherits this environment; a Rust backtrace setting would change error DETAILs.
     let output = Command::new("runuser")
+        .env_remove("RUST_BACKTRACE")
         .args(["-u", "postgres", "--"])
         .args(args)
         .output()

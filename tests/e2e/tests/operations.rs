@@ -1,0 +1,330 @@
+//! What operators see and do from SQL: wake-at-commit, outbox.status, pause/resume, dead letters
+//! and retries, and databases added or removed with a reload.
+
+use std::time::Duration;
+
+use outbox_pg_e2e::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn status(db: &mut postgres::Client) -> postgres::Row {
+    db.query_one("SELECT * FROM outbox.status", &[]).unwrap()
+}
+
+fn state(db: &mut postgres::Client) -> String {
+    status(db).get("state")
+}
+
+fn wakeups(db: &mut postgres::Client) -> i64 {
+    status(db).get("wakeups")
+}
+
+#[test]
+fn commits_wake_the_worker_and_rollbacks_do_not() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let cluster = PgCluster::start(&[
+        ("outbox.brokers", &tansu.bootstrap()),
+        ("outbox.poll_interval", "200ms"),
+    ]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox_pg").unwrap();
+    assert!(wait_until(TIMEOUT, || state(&mut db) == "idle"));
+    // From now on only a wakeup can start a round quickly: polling happens once an hour.
+    cluster.set("outbox.poll_interval", "1h");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = wakeups(&mut db);
+
+    db.batch_execute("BEGIN; SELECT outbox.emit('t', 'a', '{}'); ROLLBACK;")
+        .unwrap();
+    db.batch_execute("BEGIN; SELECT outbox.emit('t', 'b', '{}'); PREPARE TRANSACTION 'p1';")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        wakeups(&mut db),
+        before,
+        "neither a rollback nor a PREPARE wakes the worker"
+    );
+
+    db.batch_execute("SELECT outbox.emit('t', 'c', '{}')")
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || count_events(
+        &mut db,
+        "published_at IS NOT NULL"
+    ) == 1));
+    assert_eq!(
+        wakeups(&mut db),
+        before + 1,
+        "one wakeup per committing transaction"
+    );
+
+    // A burst of commits: all published without any poll.
+    let mut sessions: Vec<_> = (0..4).map(|_| cluster.connect()).collect();
+    for round in 0..25 {
+        for (s, session) in sessions.iter_mut().enumerate() {
+            session
+                .execute(
+                    "SELECT outbox.emit('t', $1::text, '{}')",
+                    &[&format!("burst-{s}-{round}")],
+                )
+                .unwrap();
+        }
+    }
+    assert!(wait_until(Duration::from_secs(10), || count_events(
+        &mut db,
+        "published_at IS NOT NULL"
+    ) == 101));
+
+    // COMMIT PREPARED in another session wakes it too.
+    cluster
+        .connect()
+        .batch_execute("COMMIT PREPARED 'p1'")
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || count_events(
+        &mut db,
+        "published_at IS NOT NULL"
+    ) == 102));
+    assert_eq!(count_events(&mut db, "aggregate_id = 'a'"), 0);
+}
+
+#[test]
+fn status_shows_state_backlog_throughput_and_broker_errors() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let cluster = PgCluster::start(&[
+        ("outbox.brokers", &tansu.bootstrap()),
+        ("outbox.poll_interval", "200ms"),
+    ]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox_pg").unwrap();
+    assert!(wait_until(TIMEOUT, || state(&mut db) == "idle"));
+    let row = status(&mut db);
+    assert_eq!(row.get::<_, String>("database"), "postgres");
+    assert_eq!(
+        row.get::<_, Option<i32>>("worker_pid"),
+        cluster.worker_pid("postgres")
+    );
+    assert_eq!(row.get::<_, i64>("pending"), 0);
+    assert_eq!(row.get::<_, i64>("dead"), 0);
+
+    db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 300) g")
+        .unwrap();
+    assert!(wait_until_published(&mut db, TIMEOUT));
+    let row = status(&mut db);
+    assert_eq!(row.get::<_, i64>("published_last_minute"), 300);
+    assert_eq!(row.get::<_, Option<bool>>("broker_connected"), Some(true));
+    assert!(row
+        .get::<_, Option<std::time::SystemTime>>("last_published_at")
+        .is_some());
+
+    // The broker goes away: state, connectivity and the error show it; the backlog grows.
+    drop(tansu);
+    db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 5) g")
+        .unwrap();
+    assert!(
+        wait_until(TIMEOUT, || state(&mut db) == "broker unreachable"),
+        "state: {}",
+        state(&mut db)
+    );
+    let row = status(&mut db);
+    assert_eq!(row.get::<_, Option<bool>>("broker_connected"), Some(false));
+    assert_eq!(row.get::<_, i64>("pending"), 5);
+    assert!(row
+        .get::<_, Option<String>>("last_error")
+        .unwrap()
+        .contains("Connection refused"));
+    assert!(row
+        .get::<_, Option<std::time::SystemTime>>("last_error_at")
+        .is_some());
+    let age: String = db
+        .query_one("SELECT oldest_pending_age::text FROM outbox.status", &[])
+        .unwrap()
+        .get(0);
+    assert!(age.starts_with("00:00:"), "oldest pending age {age}");
+
+    // Monitoring roles can read it; ordinary roles cannot.
+    db.batch_execute("CREATE ROLE monitor LOGIN IN ROLE pg_monitor; CREATE ROLE app LOGIN")
+        .unwrap();
+    db.batch_execute("SET ROLE monitor; SELECT * FROM outbox.status; RESET ROLE")
+        .unwrap();
+    let denied = db
+        .batch_execute("SET ROLE app; SELECT * FROM outbox.status")
+        .unwrap_err();
+    assert_eq!(denied.code().unwrap().code(), "42501");
+}
+
+#[test]
+fn pause_holds_events_across_restarts_until_resume() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let cluster = PgCluster::start(&[
+        ("outbox.brokers", &tansu.bootstrap()),
+        ("outbox.poll_interval", "200ms"),
+    ]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox_pg; SELECT outbox.pause();")
+        .unwrap();
+    db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 10) g")
+        .unwrap();
+    assert!(wait_until(TIMEOUT, || state(&mut db) == "paused"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count_events(&mut db, "published_at IS NOT NULL"),
+        0,
+        "nothing published while paused"
+    );
+
+    drop(db);
+    cluster.pg_ctl_stop("fast");
+    cluster.pg_ctl_start();
+    let mut db = cluster.connect();
+    assert!(
+        wait_until(TIMEOUT, || state(&mut db) == "paused"),
+        "still paused after a restart"
+    );
+    assert_eq!(count_events(&mut db, "published_at IS NOT NULL"), 0);
+
+    db.batch_execute("SELECT outbox.resume()").unwrap();
+    assert!(wait_until_published(&mut db, TIMEOUT));
+    assert_eq!(
+        TopicReader::new(&tansu.bootstrap(), &["t"])
+            .read(10, TIMEOUT)
+            .len(),
+        10
+    );
+}
+
+#[test]
+fn dead_events_are_listed_and_can_be_revived() {
+    let mock = mock_cluster(&[("t", 1)]);
+    let cluster = PgCluster::start(&[
+        ("outbox.brokers", &mock.bootstrap_servers()),
+        ("outbox.poll_interval", "100ms"),
+        ("outbox.retry_backoff", "50ms"),
+        ("outbox.max_attempts", "2"),
+        ("outbox.kafka_config", "message.max.bytes=20000"),
+    ]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox_pg").unwrap();
+    db.batch_execute(
+        "SELECT outbox.emit('big', 'a' || g, jsonb_build_object('blob', repeat('x', 30000)), topic => 't')
+         FROM generate_series(1, 3) g",
+    )
+    .unwrap();
+    assert!(wait_until(TIMEOUT, || count_events(
+        &mut db,
+        "publish_attempts = 2 AND next_attempt_at IS NULL"
+    ) == 3));
+    let dead: Vec<(String, i32, String)> = db
+        .query(
+            "SELECT id::text, publish_attempts, error FROM outbox.dead_letters ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(dead.len(), 3);
+    assert!(dead
+        .iter()
+        .all(|(_, attempts, error)| *attempts == 2 && error.contains("MessageSizeTooLarge")));
+    assert_eq!(status(&mut db).get::<_, i64>("dead"), 3);
+
+    // Fix the cause, then revive one, then the rest.
+    cluster.set("outbox.kafka_config", "");
+    assert!(cluster.wait_for_log("Kafka producer reconfigured", TIMEOUT));
+    let revived: bool = db
+        .query_one("SELECT outbox.retry($1::text::uuid)", &[&dead[0].0])
+        .unwrap()
+        .get(0);
+    assert!(revived);
+    assert!(wait_until(TIMEOUT, || count_events(
+        &mut db,
+        "published_at IS NOT NULL"
+    ) == 1));
+    let revived: i64 = db
+        .query_one("SELECT outbox.retry_dead()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(revived, 2);
+    assert!(wait_until(TIMEOUT, || count_events(
+        &mut db,
+        "published_at IS NOT NULL"
+    ) == 3));
+    assert_eq!(
+        db.query_one("SELECT count(*) FROM outbox.dead_letters", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        0
+    );
+
+    let missing = db
+        .batch_execute("SELECT outbox.retry(gen_random_uuid())")
+        .unwrap_err();
+    assert_eq!(missing.code().unwrap().code(), "P0002");
+    let published = db
+        .execute("SELECT outbox.retry($1::text::uuid)", &[&dead[0].0])
+        .unwrap_err();
+    assert_eq!(published.code().unwrap().code(), "55000");
+}
+
+#[test]
+fn databases_are_added_and_removed_with_a_reload() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let cluster = PgCluster::start(&[
+        ("outbox.brokers", &tansu.bootstrap()),
+        ("outbox.poll_interval", "200ms"),
+    ]);
+    let mut admin = cluster.connect();
+    admin.batch_execute("CREATE DATABASE shop").unwrap();
+    admin.batch_execute("CREATE DATABASE billing").unwrap();
+    for name in ["shop", "billing"] {
+        cluster
+            .connect_to(name)
+            .batch_execute("CREATE EXTENSION outbox_pg")
+            .unwrap();
+    }
+    let mut shop = cluster.connect_to("shop");
+    let mut billing = cluster.connect_to("billing");
+    assert_eq!(state(&mut shop), "not configured");
+
+    cluster.set("outbox.database", "postgres, shop, billing");
+    assert!(wait_until(TIMEOUT, || cluster.worker_pid("shop").is_some()
+        && cluster.worker_pid("billing").is_some()));
+    shop.batch_execute("SELECT outbox.emit('t', 'shop', '{}')")
+        .unwrap();
+    billing
+        .batch_execute("SELECT outbox.emit('t', 'billing', '{}')")
+        .unwrap();
+    assert!(
+        wait_until_published(&mut shop, TIMEOUT) && wait_until_published(&mut billing, TIMEOUT)
+    );
+
+    cluster.set("outbox.database", "postgres, shop");
+    assert!(
+        wait_until(TIMEOUT, || cluster.worker_pid("billing").is_none()),
+        "billing's worker stops"
+    );
+    assert!(cluster.wait_for_log("stopped publishing database \"billing\"", TIMEOUT));
+    billing
+        .batch_execute("SELECT outbox.emit('t', 'billing-2', '{}')")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count_events(&mut billing, "published_at IS NULL"),
+        1,
+        "billing is no longer published"
+    );
+    assert_eq!(state(&mut billing), "not configured");
+    shop.batch_execute("SELECT outbox.emit('t', 'shop-2', '{}')")
+        .unwrap();
+    assert!(wait_until_published(&mut shop, TIMEOUT));
+    let keys: Vec<String> = TopicReader::new(&tansu.bootstrap(), &["t"])
+        .read(3, TIMEOUT)
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    assert_eq!(keys.len(), 3);
+    assert!(!keys.contains(&"billing-2".to_string()));
+}
