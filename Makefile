@@ -1,13 +1,14 @@
 # outbox_pg — build, test and demo on Debian bookworm with PostgreSQL 15.
 #   make demo   install what is missing, build, and show events reaching Kafka
 #   make test   lint, #[pg_test]s, and end-to-end tests against real Postgres and Kafka brokers
+#   make bench  the benchmark against a classic polling relay (bench/RESULTS.md)
 
 PG_CONFIG   ?= /usr/bin/pg_config
 PGTEST_DIR  ?= /tmp/outbox_pg_pgtest
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 SUDO        := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: all deps install lint pgtest e2e test test-faults demo clean
+.PHONY: all deps install lint pgtest e2e test test-faults demo bench clean
 
 all: install
 
@@ -36,6 +37,12 @@ test: deps lint pgtest e2e
 
 demo: install
 	scripts/demo.sh
+
+# outbox_pg against the classic polling relay, one machine, one run (about 30 minutes);
+# prints the results table and writes bench/RESULTS.md. `make bench BENCH_ARGS=--quick` for a smoke run.
+bench: install
+	cargo build --release -p outbox_pg_bench
+	target/release/outbox-bench $(BENCH_ARGS)
 
 clean:
 	cargo clean

@@ -43,6 +43,8 @@ impl TopicReader {
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "5")
             .set("fetch.error.backoff.ms", "50")
+            // A broker that restarted empty: start over from its first message.
+            .set("auto.offset.reset", "earliest")
             .create()
             .expect("consumer");
         let mut assignment = TopicPartitionList::new();

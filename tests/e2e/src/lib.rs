@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod cluster;
 pub mod consumer;
+pub mod stream;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
