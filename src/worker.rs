@@ -34,6 +34,8 @@ const REPORT_WAIT_SLICE: Duration = Duration::from_millis(100);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the broker's answer when checking that a topic exists.
 const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// With events in flight and no delivery report for this long, the producer is replaced.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Minimum spacing of repeated broker-error log lines.
 const BROKER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -65,7 +67,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         database,
         store: None,
         publisher: None,
-        rebuild_after_fatal: false,
+        rebuild_requested: false,
         known_topics: HashSet::new(),
         broker: BrokerHealth::default(),
     }
@@ -88,8 +90,8 @@ struct Worker {
     store: Option<Store>,
     /// The producer, once the settings produced a working one.
     publisher: Option<Publisher>,
-    /// Set when librdkafka reported a fatal error: the producer must be replaced.
-    rebuild_after_fatal: bool,
+    /// Set when the producer must be replaced: librdkafka reported a fatal error, or it stalled.
+    rebuild_requested: bool,
     /// Topics the broker confirmed to exist (with the prefix applied).
     known_topics: HashSet<String>,
     broker: BrokerHealth,
@@ -331,6 +333,7 @@ impl Worker {
         outcomes: &mut [Option<Outcome>],
     ) {
         let mut abandon_at: Option<Instant> = None;
+        let mut last_report = Instant::now();
         while !waiting.is_empty() {
             let publisher = self
                 .publisher
@@ -339,6 +342,7 @@ impl Worker {
             match publisher.reports().recv_timeout(REPORT_WAIT_SLICE) {
                 Ok(Report::Delivered(delivery)) => {
                     if let Some(i) = waiting.remove(&delivery.seq) {
+                        last_report = Instant::now();
                         if matches!(delivery.outcome, Outcome::Published { .. }) {
                             self.broker.reachable(self.slot);
                         }
@@ -351,6 +355,18 @@ impl Worker {
             }
             pg_sys::check_for_interrupts!();
             process_reload_signal();
+            if last_report.elapsed() >= STALL_TIMEOUT && !self.rebuild_requested {
+                // librdkafka can stay stuck where a new producer is not, e.g. retrying with a
+                // producer id that a broker restarted without its state no longer knows.
+                warning!(
+                    "outbox_pg: no delivery report for {}s with {} events in flight; replacing the Kafka producer",
+                    STALL_TIMEOUT.as_secs(),
+                    waiting.len()
+                );
+                self.rebuild_requested = true;
+                self.publisher.as_ref().expect("publisher").abandon_all();
+                abandon_at = Some(Instant::now() + DRAIN_TIMEOUT);
+            }
             let leaving = shutdown_requested() || self.producer_settings_changed();
             match abandon_at {
                 None if leaving => abandon_at = Some(Instant::now() + DRAIN_TIMEOUT),
@@ -374,7 +390,7 @@ impl Worker {
                         "outbox_pg: the Kafka producer hit a fatal error, rebuilding it: {message}"
                     );
                     self.publisher.as_ref().expect("publisher").abandon_all();
-                    self.rebuild_after_fatal = true;
+                    self.rebuild_requested = true;
                 }
             }
             Report::Log { message } => log!("outbox_pg: librdkafka: {message}"),
@@ -441,7 +457,7 @@ impl Worker {
     }
 
     fn producer_settings_changed(&self) -> bool {
-        self.rebuild_after_fatal
+        self.rebuild_requested
             || self
                 .publisher
                 .as_ref()
@@ -457,7 +473,7 @@ impl Worker {
                     old.flush(DRAIN_TIMEOUT);
                     log!("outbox_pg: Kafka producer reconfigured");
                 }
-                self.rebuild_after_fatal = false;
+                self.rebuild_requested = false;
                 true
             }
             Err(error) => {

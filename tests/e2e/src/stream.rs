@@ -21,6 +21,8 @@ use crate::{PgCluster, Received, TopicReader};
 #[derive(Debug, Clone)]
 pub struct StreamSpec {
     pub topic: String,
+    /// Prefix of this stream's aggregate ids (streams that run one after another need different ones).
+    pub aggregate_prefix: String,
     pub sessions: usize,
     pub aggregates_per_session: usize,
     /// Events each session emits (committed or not).
@@ -57,7 +59,10 @@ impl Stream {
         let log = Arc::new(Mutex::new(StreamLog::default()));
         let emitted = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let url = format!("host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5", cluster.port);
+        let url = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5",
+            cluster.port
+        );
         let threads = (0..spec.sessions)
             .map(|session| {
                 let (url, spec) = (url.clone(), spec.clone());
@@ -65,7 +70,12 @@ impl Stream {
                 std::thread::spawn(move || run_session(session, &url, &spec, &log, &emitted, &stop))
             })
             .collect();
-        Stream { threads, log, emitted, stop }
+        Stream {
+            threads,
+            log,
+            emitted,
+            stop,
+        }
     }
 
     /// Events emitted so far (in any outcome).
@@ -78,7 +88,10 @@ impl Stream {
         for thread in self.threads {
             thread.join().expect("stream session panicked");
         }
-        Arc::try_unwrap(self.log).expect("sessions ended").into_inner().unwrap()
+        Arc::try_unwrap(self.log)
+            .expect("sessions ended")
+            .into_inner()
+            .unwrap()
     }
 
     /// Stops the sessions early.
@@ -96,8 +109,9 @@ fn run_session(
     emitted: &AtomicU64,
     stop: &AtomicBool,
 ) {
-    let aggregates: Vec<String> =
-        (0..spec.aggregates_per_session).map(|a| format!("s{session}-a{a}")).collect();
+    let aggregates: Vec<String> = (0..spec.aggregates_per_session)
+        .map(|a| format!("{}s{session}-a{a}", spec.aggregate_prefix))
+        .collect();
     let mut next_n: HashMap<&str, i64> = HashMap::new();
     let mut client: Option<postgres::Client> = None;
     let mut sent = 0;
@@ -181,11 +195,20 @@ impl LiveConsumer {
                 }
             })
         };
-        LiveConsumer { received, stop, thread: Some(thread) }
+        LiveConsumer {
+            received,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn distinct_ids(&self) -> HashSet<String> {
-        self.received.lock().unwrap().iter().map(|m| m.header("outbox-id").to_string()).collect()
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.header("outbox-id").to_string())
+            .collect()
     }
 
     /// Waits until every id in `expected` arrived (or `timeout`), then stops and returns all.
@@ -219,8 +242,14 @@ impl Audit {
     /// `table_ids`: the event ids in outbox.events after recovery — what really committed.
     pub fn of(log: &StreamLog, table_ids: &HashSet<String>, received: &[Received]) -> Audit {
         let received_ids: HashSet<&str> = received.iter().map(|m| m.header("outbox-id")).collect();
-        let lost = table_ids.iter().filter(|id| !received_ids.contains(id.as_str())).count();
-        let phantoms = received_ids.iter().filter(|id| !table_ids.contains(**id)).count();
+        let lost = table_ids
+            .iter()
+            .filter(|id| !received_ids.contains(id.as_str()))
+            .count();
+        let phantoms = received_ids
+            .iter()
+            .filter(|id| !table_ids.contains(**id))
+            .count();
         // Per aggregate, first arrivals must come in emit order (n increasing).
         let mut seen: HashSet<&str> = HashSet::new();
         let mut highest: HashMap<&str, i64> = HashMap::new();
@@ -239,7 +268,11 @@ impl Audit {
         Audit {
             committed: table_ids.len(),
             rolled_back: log.rolled_back.len(),
-            in_doubt_committed: log.in_doubt.iter().filter(|id| table_ids.contains(*id)).count(),
+            in_doubt_committed: log
+                .in_doubt
+                .iter()
+                .filter(|id| table_ids.contains(*id))
+                .count(),
             received: received.len(),
             lost,
             phantoms,
@@ -250,10 +283,26 @@ impl Audit {
 
     /// Sanity: everything the sessions saw committed is in the table, nothing they rolled back is.
     pub fn check_log(log: &StreamLog, table_ids: &HashSet<String>) {
-        let missing: Vec<&String> = log.committed.iter().filter(|id| !table_ids.contains(*id)).collect();
-        assert!(missing.is_empty(), "{} committed events are not in the table", missing.len());
-        let present: Vec<&String> = log.rolled_back.iter().filter(|id| table_ids.contains(*id)).collect();
-        assert!(present.is_empty(), "{} rolled-back events are in the table", present.len());
+        let missing: Vec<&String> = log
+            .committed
+            .iter()
+            .filter(|id| !table_ids.contains(*id))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{} committed events are not in the table",
+            missing.len()
+        );
+        let present: Vec<&String> = log
+            .rolled_back
+            .iter()
+            .filter(|id| table_ids.contains(*id))
+            .collect();
+        assert!(
+            present.is_empty(),
+            "{} rolled-back events are in the table",
+            present.len()
+        );
     }
 
     pub fn row(&self, scenario: &str, note: &str) -> String {
