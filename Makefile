@@ -1,6 +1,7 @@
 # outbox_pg — build, test and demo on Debian bookworm with PostgreSQL 15.
 #   make demo   install what is missing, build, and show events reaching Kafka
-#   make test   lint, #[pg_test]s, and end-to-end tests against real Postgres and Kafka brokers
+#   make test   lint, #[pg_test]s, end-to-end tests and the fault suite, against real Postgres
+#               and real Kafka-protocol brokers
 #   make bench  the benchmark against a classic polling relay (bench/RESULTS.md)
 
 PG_CONFIG   ?= /usr/bin/pg_config
@@ -30,10 +31,21 @@ pgtest: deps
 	cargo pgrx test pg15 --runas postgres --pgdata $(PGTEST_DIR)/data
 
 # End-to-end tests: clusters with the extension preloaded, Tansu and librdkafka's mock cluster.
+E2E_TESTS := publishing failures configuration operations bad_input security
 e2e: install
-	cargo test -p outbox_pg_e2e -- --test-threads=1
+	cargo test -p outbox_pg_e2e --lib --bins $(addprefix --test ,$(E2E_TESTS)) -- --test-threads=1
 
-test: deps lint pgtest e2e
+# The fault suite: crashes, shutdowns, broker outages, 2PC, poison events, config faults.
+# Prints lost / phantoms / order violations / duplicates per scenario.
+test-faults: install
+	rm -f target/fault-figures.md
+	cargo test -p outbox_pg_e2e --test faults -- --test-threads=1
+	@echo
+	@echo "| scenario | committed | rolled back | in-doubt committed | received | lost | phantoms | order violations | duplicates | notes |"
+	@echo "|---|---|---|---|---|---|---|---|---|---|"
+	@sort target/fault-figures.md
+
+test: deps lint pgtest e2e test-faults
 
 demo: install
 	scripts/demo.sh

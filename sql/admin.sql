@@ -46,12 +46,16 @@ COMMENT ON VIEW outbox.dead_letters IS 'Dead events: revive with outbox.retry(id
 
 -- Revive one event: a dead one starts over as a new event; a retrying one is retried now.
 CREATE FUNCTION outbox.retry(event_id uuid) RETURNS boolean
-    LANGUAGE plpgsql VOLATILE STRICT SECURITY DEFINER
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     found_event record;
 BEGIN
+    IF event_id IS NULL THEN
+        RAISE EXCEPTION 'outbox.retry: event_id must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     SELECT published_at, publish_attempts INTO found_event
     FROM outbox.events WHERE id = event_id FOR UPDATE;
     IF NOT FOUND THEN

@@ -108,17 +108,18 @@ impl NewEvent {
                 .raise();
         }
         let payload = unsafe { pg_getarg_datum_raw(fcinfo, 2) };
-        let headers = if unsafe { pg_arg_is_null(fcinfo, 3) } {
-            None
-        } else {
-            check_headers(unsafe { pg_getarg::<pgrx::JsonB>(fcinfo, 3) }.map(|j| j.0));
-            Some(unsafe { pg_getarg_datum_raw(fcinfo, 3) })
-        };
         let topic = unsafe { pg_getarg::<String>(fcinfo, 4) };
-
         check_event_type(&event_type);
         check_aggregate_id(&aggregate_id);
         check_topic(&event_type, topic.as_deref());
+        let (headers, header_bytes) = if unsafe { pg_arg_is_null(fcinfo, 3) } {
+            (None, 0)
+        } else {
+            let bytes = check_headers(unsafe { pg_getarg::<pgrx::JsonB>(fcinfo, 3) }.map(|j| j.0));
+            (Some(unsafe { pg_getarg_datum_raw(fcinfo, 3) }), bytes)
+        };
+        // SAFETY: `payload` is the non-NULL jsonb argument.
+        unsafe { check_message_size(payload, &event_type, &aggregate_id, header_bytes) };
         NewEvent {
             event_type,
             aggregate_id,
@@ -184,8 +185,9 @@ fn check_topic(event_type: &str, topic: Option<&str>) {
 
 /// Headers must be a JSON object whose values are strings (Kafka header values are bytes; we send
 /// the string's UTF-8), with names that do not collide with the headers outbox_pg sets.
-fn check_headers(headers: Option<serde_json::Value>) {
-    let Some(headers) = headers else { return };
+/// Returns the headers' size in bytes (names and values).
+fn check_headers(headers: Option<serde_json::Value>) -> usize {
+    let Some(headers) = headers else { return 0 };
     let serde_json::Value::Object(map) = headers else {
         Refusal::invalid(format!(
             "outbox.emit: headers must be a JSON object, not {}",
@@ -194,6 +196,7 @@ fn check_headers(headers: Option<serde_json::Value>) {
         .hint("For example '{\"traceparent\": \"00-...\"}'::jsonb.")
         .raise();
     };
+    let mut bytes = 0;
     for (name, value) in &map {
         if let Err(reason) = validate::header_name(name) {
             Refusal::invalid(format!("outbox.emit: {reason}")).raise();
@@ -206,7 +209,9 @@ fn check_headers(headers: Option<serde_json::Value>) {
             .hint("Convert the value to a JSON string, e.g. to_jsonb(42::text).")
             .raise();
         }
+        bytes += name.len() + value.as_str().map_or(0, str::len);
     }
+    bytes
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {
@@ -217,6 +222,49 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
         serde_json::Value::String(_) => "a string",
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Bytes of the headers outbox_pg adds to every message (names, id, timestamp), over-estimated.
+const FIXED_HEADER_BYTES: usize = 160;
+
+/// Refuses an event whose Kafka message would exceed `outbox.max_message_size`, so the
+/// application learns it in its transaction instead of finding a dead event later. The payload
+/// is measured as the JSON text that is sent; rendering it is skipped when its stored size makes
+/// the limit unreachable (JSON text is at most 8 times the jsonb size, for strings of escapes).
+///
+/// SAFETY: `payload` is a non-NULL jsonb datum.
+unsafe fn check_message_size(
+    payload: pg_sys::Datum,
+    event_type: &str,
+    aggregate_id: &str,
+    header_bytes: usize,
+) {
+    let limit = guc::MAX_MESSAGE_SIZE.get().max(0) as usize;
+    let others = FIXED_HEADER_BYTES + 2 * aggregate_id.len() + event_type.len() + header_bytes;
+    // SAFETY: toast_raw_datum_size reads the varlena header of a valid datum without detoasting.
+    let stored = unsafe { pg_sys::toast_raw_datum_size(payload) };
+    if others + stored * 8 <= limit {
+        return;
+    }
+    // SAFETY: jsonb_out renders a valid jsonb datum as a palloc'd C string.
+    let text_len = unsafe {
+        let text = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(payload)])
+            .expect("jsonb_out returns text")
+            .cast_mut_ptr::<std::ffi::c_char>();
+        std::ffi::CStr::from_ptr(text).to_bytes().len()
+    };
+    let size = others + text_len;
+    if size > limit {
+        Refusal::new(
+            pgrx::pg_sys::errcodes::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "outbox.emit: the message would be {size} bytes, more than outbox.max_message_size ({limit} bytes)"
+            ),
+        )
+        .detail(format!("payload {text_len} bytes as JSON text, key and headers {others} bytes"))
+        .hint("Store large documents elsewhere and emit a reference to them, or raise outbox.max_message_size together with the topic's max.message.bytes.")
+        .raise();
     }
 }
 

@@ -28,6 +28,7 @@ pub static KAFKA_CONFIG: GucSetting<Option<CString>> =
 pub static DELIVERY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static RETRY_BACKOFF_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static RETRY_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
+pub static MAX_MESSAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 
 const HOUR_MS: i32 = 3_600_000;
 
@@ -139,6 +140,16 @@ pub fn init() {
         HOUR_MS,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_message_size",
+        c"Largest Kafka message emit() accepts: payload as JSON text plus key and headers.",
+        c"Keep it at or below the topics' max.message.bytes; the producer's message.max.bytes follows it.",
+        &MAX_MESSAGE_SIZE,
+        1024,
+        100 * 1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_int_guc(
         c"outbox.retry_backoff_max",

@@ -24,7 +24,12 @@ pub struct ProducerSettings {
     pub properties: Vec<(String, String)>,
     /// `message.timeout.ms`; 0 = never give up on a message.
     pub delivery_timeout_ms: i32,
+    /// `outbox.max_message_size`: the producer accepts messages this large (plus framing).
+    pub max_message_bytes: i32,
 }
+
+/// Room for record framing and headers on top of the largest accepted message.
+const MESSAGE_FRAMING_BYTES: i32 = 64 * 1024;
 
 /// What the producer tells the worker.
 #[derive(Debug)]
@@ -66,6 +71,13 @@ impl Publisher {
             config.set(*key, *value);
         }
         config.set("bootstrap.servers", &settings.brokers);
+        config.set(
+            "message.max.bytes",
+            settings
+                .max_message_bytes
+                .saturating_add(MESSAGE_FRAMING_BYTES)
+                .to_string(),
+        );
         config.set(
             "message.timeout.ms",
             settings.delivery_timeout_ms.to_string(),

@@ -561,6 +561,7 @@ fn current_producer_settings() -> ProducerSettings {
         brokers: guc::brokers(),
         properties: guc::kafka_properties(),
         delivery_timeout_ms: guc::DELIVERY_TIMEOUT_MS.get(),
+        max_message_bytes: guc::MAX_MESSAGE_SIZE.get(),
     }
 }
 

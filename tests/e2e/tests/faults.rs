@@ -382,7 +382,15 @@ fn two_phase_commit_publishes_commit_prepared_only() {
 fn poison_events_die_while_other_aggregates_flow() {
     let tansu = Tansu::start();
     tansu.create_topic("faults.poison", 3);
-    let cluster = fault_cluster(&tansu.bootstrap(), &[("outbox.max_attempts", "3")]);
+    // Tansu and the mock cluster do not enforce a topic's max.message.bytes, so the size refusal
+    // comes from the producer's message.max.bytes, with the same MSG_SIZE_TOO_LARGE a broker sends.
+    let cluster = fault_cluster(
+        &tansu.bootstrap(),
+        &[
+            ("outbox.max_attempts", "3"),
+            ("outbox.kafka_config", "message.max.bytes=20000"),
+        ],
+    );
     let mut db = cluster.connect();
     let consumer = LiveConsumer::start(&tansu.bootstrap(), "faults.poison");
     let stream = Stream::start(&cluster, &spec("faults.poison", 4, 2_000));
@@ -390,7 +398,9 @@ fn poison_events_die_while_other_aggregates_flow() {
     db.batch_execute(
         "SELECT outbox.emit('fault.event', 'poison', '{\"n\": 1}', topic => 'faults.missing');
          SELECT outbox.emit('fault.event', 'poison', '{\"n\": 2}', topic => 'faults.poison');
-         SELECT outbox.emit('fault.event', 'poison', '{\"n\": 3}', topic => 'faults.poison');",
+         SELECT outbox.emit('fault.event', 'poison', '{\"n\": 3}', topic => 'faults.poison');
+         SELECT outbox.emit('fault.event', 'big', jsonb_build_object('n', 1, 'blob', repeat('x', 30000)), topic => 'faults.poison');
+         SELECT outbox.emit('fault.event', 'big', '{\"n\": 2}', topic => 'faults.poison');",
     )
     .unwrap();
     let log = stream.finish();
@@ -414,7 +424,7 @@ fn poison_events_die_while_other_aggregates_flow() {
         .map(|r| r.get(0))
         .collect();
     let later: HashSet<String> = db
-        .query("SELECT id::text FROM outbox.events WHERE aggregate_id = 'poison' AND topic = 'faults.poison'", &[])
+        .query("SELECT id::text FROM outbox.events WHERE aggregate_id IN ('poison', 'big') AND payload->>'blob' IS NULL AND topic = 'faults.poison'", &[])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -428,21 +438,21 @@ fn poison_events_die_while_other_aggregates_flow() {
     let poison_published_after_death: i64 = db
         .query_one(
             "SELECT count(*) FROM outbox.events later, outbox.events dead
-             WHERE later.aggregate_id = 'poison' AND later.published_at IS NOT NULL
-               AND dead.aggregate_id = 'poison' AND dead.next_attempt_at IS NULL AND dead.published_at IS NULL
-               AND later.published_at > dead.created_at",
+             WHERE later.aggregate_id IN ('poison', 'big') AND later.published_at IS NOT NULL
+               AND dead.aggregate_id = later.aggregate_id AND dead.next_attempt_at IS NULL
+               AND dead.published_at IS NULL AND later.published_at > dead.created_at",
             &[],
         )
         .unwrap()
         .get(0);
     assert_eq!(
-        poison_published_after_death, 2,
-        "the poison's later events follow once it is dead"
+        poison_published_after_death, 3,
+        "the poisons' later events follow once they are dead"
     );
     report(
         &audit,
-        "poison: missing topic",
-        "dead after 3 attempts; its aggregate's later events follow it; others flowed",
+        "poison: missing topic, message too large",
+        "both dead after 3 attempts; their aggregates' later events followed; others flowed",
     );
 }
 
