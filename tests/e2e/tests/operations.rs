@@ -328,3 +328,25 @@ fn databases_are_added_and_removed_with_a_reload() {
     assert_eq!(keys.len(), 3);
     assert!(!keys.contains(&"billing-2".to_string()));
 }
+
+#[test]
+fn the_postgres_exporter_query_runs_as_a_monitoring_role() {
+    let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../contrib/postgres_exporter.yaml")).unwrap();
+    let query: String = yaml
+        .split("query: |")
+        .nth(1)
+        .and_then(|rest| rest.split("  metrics:").next())
+        .expect("a query block")
+        .to_string();
+    let metrics: Vec<&str> = yaml
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- ").and_then(|m| m.strip_suffix(':')))
+        .collect();
+    let cluster = PgCluster::start(&[("outbox.database", "postgres")]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox_pg; CREATE ROLE exporter LOGIN IN ROLE pg_monitor; SET ROLE exporter;")
+        .unwrap();
+    let row = db.query_one(query.as_str(), &[]).unwrap();
+    let columns: Vec<&str> = row.columns().iter().map(|c| c.name()).collect();
+    assert_eq!(columns, metrics, "every column is described as a metric");
+}
