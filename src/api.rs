@@ -112,11 +112,32 @@ impl NewEvent {
         check_event_type(&event_type);
         check_aggregate_id(&aggregate_id);
         check_topic(&event_type, topic.as_deref());
+        let traceparent = guc::traceparent();
         let (headers, header_bytes) = if unsafe { pg_arg_is_null(fcinfo, 3) } {
-            (None, 0)
+            match traceparent {
+                // The session's trace context travels as a header; no argument to parse.
+                Some(traceparent) => {
+                    let bytes = TRACEPARENT.len() + traceparent.len();
+                    let mut map = serde_json::Map::new();
+                    map.insert(TRACEPARENT.into(), traceparent.into());
+                    (Some(jsonb_datum(map)), bytes)
+                }
+                None => (None, 0),
+            }
         } else {
-            let bytes = check_headers(unsafe { pg_getarg::<pgrx::JsonB>(fcinfo, 3) }.map(|j| j.0));
-            (Some(unsafe { pg_getarg_datum_raw(fcinfo, 3) }), bytes)
+            let given = unsafe { pg_getarg::<pgrx::JsonB>(fcinfo, 3) }
+                .expect("not NULL")
+                .0;
+            let (mut map, mut bytes) = check_headers(given);
+            match traceparent {
+                // An explicit traceparent header wins over the session's.
+                Some(traceparent) if !map.contains_key(TRACEPARENT) => {
+                    bytes += TRACEPARENT.len() + traceparent.len();
+                    map.insert(TRACEPARENT.into(), traceparent.into());
+                    (Some(jsonb_datum(map)), bytes)
+                }
+                _ => (Some(unsafe { pg_getarg_datum_raw(fcinfo, 3) }), bytes),
+            }
         };
         // SAFETY: `payload` is the non-NULL jsonb argument.
         unsafe { check_message_size(payload, &event_type, &aggregate_id, header_bytes) };
@@ -186,8 +207,9 @@ fn check_topic(event_type: &str, topic: Option<&str>) {
 /// Headers must be a JSON object whose values are strings (Kafka header values are bytes; we send
 /// the string's UTF-8), with names that do not collide with the headers outbox_pg sets.
 /// Returns the headers' size in bytes (names and values).
-fn check_headers(headers: Option<serde_json::Value>) -> usize {
-    let Some(headers) = headers else { return 0 };
+fn check_headers(
+    headers: serde_json::Value,
+) -> (serde_json::Map<String, serde_json::Value>, usize) {
     let serde_json::Value::Object(map) = headers else {
         Refusal::invalid(format!(
             "outbox.emit: headers must be a JSON object, not {}",
@@ -211,7 +233,16 @@ fn check_headers(headers: Option<serde_json::Value>) -> usize {
         }
         bytes += name.len() + value.as_str().map_or(0, str::len);
     }
-    bytes
+    (map, bytes)
+}
+
+/// The W3C trace-context header emit() adds from `outbox.traceparent`.
+const TRACEPARENT: &str = "traceparent";
+
+fn jsonb_datum(map: serde_json::Map<String, serde_json::Value>) -> pg_sys::Datum {
+    pgrx::JsonB(serde_json::Value::Object(map))
+        .into_datum()
+        .expect("jsonb is never NULL")
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {

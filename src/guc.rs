@@ -28,6 +28,14 @@ pub static KAFKA_CONFIG: GucSetting<Option<CString>> =
 pub static DELIVERY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static RETRY_BACKOFF_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static RETRY_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
+pub static MESSAGE_FORMAT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"raw"));
+pub static CLOUDEVENTS_SOURCE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+pub static TRACEPARENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static AUTO_CREATE_TOPICS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static TOPIC_PARTITIONS: GucSetting<i32> = GucSetting::<i32>::new(3);
+pub static TOPIC_REPLICATION: GucSetting<i32> = GucSetting::<i32>::new(-1);
 pub static MAX_MESSAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 
 const HOUR_MS: i32 = 3_600_000;
@@ -66,6 +74,39 @@ pub fn init() {
             GucContext::Sighup,
             GucFlags::default(),
             Some(check_topic_prefix),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.message_format",
+            c"Message layout: raw (the payload as value) or cloudevents (CloudEvents 1.0 Kafka binary mode).",
+            c"cloudevents adds ce_id, ce_type, ce_source, ce_time, ce_subject, ce_specversion and content-type headers.",
+            &MESSAGE_FORMAT,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_message_format),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.cloudevents_source",
+            c"The ce_source of CloudEvents messages; empty means /outbox_pg/<database>.",
+            c"",
+            &CLOUDEVENTS_SOURCE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            None,
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.traceparent",
+            c"W3C trace context for events emitted in this session or transaction.",
+            c"SET LOCAL outbox.traceparent = '00-<trace id>-<span id>-<flags>'; emit() adds it as the traceparent header.",
+            &TRACEPARENT,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_traceparent),
             None,
             None,
         );
@@ -141,6 +182,34 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_bool_guc(
+        c"outbox.auto_create_topics",
+        c"Create missing topics (with outbox.topic_partitions and outbox.topic_replication) instead of failing their events.",
+        c"When off, an event for a missing topic fails with the broker's error and is retried.",
+        &AUTO_CREATE_TOPICS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.topic_partitions",
+        c"Partitions of topics created by outbox.auto_create_topics.",
+        c"",
+        &TOPIC_PARTITIONS,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.topic_replication",
+        c"Replication factor of topics created by outbox.auto_create_topics; -1 uses the broker's default.",
+        c"",
+        &TOPIC_REPLICATION,
+        -1,
+        1000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"outbox.max_message_size",
         c"Largest Kafka message emit() accepts: payload as JSON text plus key and headers.",
@@ -165,6 +234,20 @@ pub fn init() {
 
 pub fn brokers() -> String {
     string(&BROKERS)
+}
+
+/// True when `outbox.message_format = cloudevents`.
+pub fn cloudevents() -> bool {
+    string(&MESSAGE_FORMAT) == "cloudevents"
+}
+
+pub fn cloudevents_source() -> String {
+    string(&CLOUDEVENTS_SOURCE)
+}
+
+/// The session's trace context, if set.
+pub fn traceparent() -> Option<String> {
+    Some(string(&TRACEPARENT)).filter(|t| !t.is_empty())
 }
 
 pub fn topic_prefix() -> String {
@@ -254,4 +337,38 @@ unsafe extern "C-unwind" fn check_kafka_config(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     unsafe { check_string(newval, |v| validate::kafka_properties(v).map(drop)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_traceparent(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe {
+        check_string(newval, |v| {
+            if v.is_empty() {
+                Ok(())
+            } else {
+                validate::traceparent(v)
+            }
+        })
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_message_format(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe {
+        check_string(newval, |v| match v {
+            "raw" | "cloudevents" => Ok(()),
+            other => Err(format!(
+                "\"{}\" is not a message format: use raw or cloudevents",
+                other.escape_default()
+            )),
+        })
+    }
 }

@@ -3,9 +3,14 @@
 //! Nothing here calls Postgres. librdkafka's threads and the producer's polling thread only push
 //! [`Report`]s into a crossbeam channel; the worker drains it on the Postgres main thread.
 
-use std::time::Duration;
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -46,6 +51,15 @@ pub enum Report {
     },
 }
 
+/// How an event becomes a Kafka message; the key is always the aggregate id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageFormat {
+    /// The payload is the value; outbox headers only.
+    Raw,
+    /// CloudEvents 1.0, Kafka protocol binding, binary mode: attributes as `ce_` headers.
+    CloudEvents { source: String },
+}
+
 /// Producer defaults. Idempotence gives per-partition order without duplicates from internal
 /// retries; `linger.ms` trades a few milliseconds of latency for batching under load.
 const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
@@ -58,6 +72,8 @@ const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
 ];
 
 pub struct Publisher {
+    /// The configuration the producer was built from; an admin client reuses it (security).
+    config: ClientConfig,
     producer: ThreadedProducer<Reporter>,
     reports: Receiver<Report>,
     settings: ProducerSettings,
@@ -93,6 +109,7 @@ impl Publisher {
         })
         .map_err(|e| describe(&e))?;
         Ok(Self {
+            config,
             producer,
             reports,
             settings,
@@ -109,14 +126,24 @@ impl Publisher {
 
     /// Hands one event to librdkafka, for `topic` (the event's topic with the prefix applied). A refusal that happens right away (message too large, bad
     /// topic) comes back as the event's outcome; otherwise the outcome arrives as a report.
-    pub fn send(&self, event: &Event, topic: &str) -> Result<(), Outcome> {
+    pub fn send(&self, event: &Event, topic: &str, format: &MessageFormat) -> Result<(), Outcome> {
         let mut id = uuid::Uuid::encode_buffer();
         let id = event.id.hyphenated().encode_lower(&mut id);
-        let mut headers = OwnedHeaders::new_with_capacity(4 + event.headers.len())
+        let mut headers = OwnedHeaders::new_with_capacity(11 + event.headers.len())
             .insert(header("outbox-id", id))
             .insert(header("event-type", &event.event_type))
             .insert(header("aggregate-id", &event.aggregate_id))
             .insert(header("created-at", &event.created_at));
+        if let MessageFormat::CloudEvents { source } = format {
+            headers = headers
+                .insert(header("ce_specversion", "1.0"))
+                .insert(header("ce_id", id))
+                .insert(header("ce_type", &event.event_type))
+                .insert(header("ce_source", source))
+                .insert(header("ce_time", &event.created_at))
+                .insert(header("ce_subject", &event.aggregate_id))
+                .insert(header("content-type", "application/json"));
+        }
         for (name, value) in &event.headers {
             headers = headers.insert(header(name, value));
         }
@@ -150,6 +177,34 @@ impl Publisher {
                 None => TopicCheck::Missing("the broker returned no metadata for it".to_string()),
             },
             Err(error) => TopicCheck::Unknown(describe(&error)),
+        }
+    }
+
+    /// Creates `topic` (CreateTopics); an existing topic is fine. `replication` -1 asks for the
+    /// broker's default.
+    pub fn create_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication: i32,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let admin: AdminClient<DefaultClientContext> =
+            with_signals_blocked(|| self.config.create()).map_err(|e| describe(&e))?;
+        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let options = AdminOptions::new()
+            .operation_timeout(Some(timeout))
+            .request_timeout(Some(timeout));
+        let created = block_on(
+            admin.create_topics([&new_topic], &options),
+            timeout + timeout,
+        )
+        .ok_or_else(|| "the broker did not answer CreateTopics in time".to_string())?
+        .map_err(|e| describe(&e))?;
+        match created.into_iter().next() {
+            Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(()),
+            Some(Err((_, code))) => Err(format!("{code} ({code:?})")),
+            None => Err("the broker returned no result for CreateTopics".into()),
         }
     }
 
@@ -250,6 +305,28 @@ impl ProducerContext for Reporter {
         let _ = self
             .sender
             .send(Report::Delivered(Delivery { seq, outcome }));
+    }
+}
+
+/// Polls `future` on this thread until it completes or `timeout` passes. librdkafka's admin
+/// client completes its futures from its own thread, which wakes this one.
+fn block_on<F: Future>(future: F, timeout: Duration) -> Option<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut context = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return Some(output);
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        std::thread::park_timeout(left);
     }
 }
 

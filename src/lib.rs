@@ -24,6 +24,7 @@ mod worker;
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!("../sql/api.sql", name = "api", requires = ["schema"]);
+pgrx::extension_sql_file!("../sql/inbox.sql", name = "inbox", requires = ["schema"]);
 pgrx::extension_sql_file!(
     "../sql/admin.sql",
     name = "admin",

@@ -46,6 +46,39 @@ pub fn header_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A W3C trace-context `traceparent`: `version-traceid-parentid-flags` in lowercase hex, version
+/// not `ff`, trace and parent ids not all zero.
+pub fn traceparent(value: &str) -> Result<(), String> {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let shape = "expected 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>";
+    if parts.len() < 4
+        || !hex(parts[0], 2)
+        || !hex(parts[1], 32)
+        || !hex(parts[2], 16)
+        || !hex(parts[3], 2)
+    {
+        return Err(format!(
+            "\"{}\" is not a W3C traceparent: {shape}",
+            value.escape_default()
+        ));
+    }
+    if parts[0] == "ff" || (parts[0] == "00" && parts.len() != 4) {
+        return Err(format!(
+            "traceparent version {} is not valid here: {shape}",
+            parts[0]
+        ));
+    }
+    if parts[1].bytes().all(|b| b == b'0') || parts[2].bytes().all(|b| b == b'0') {
+        return Err("traceparent trace id and parent id must not be all zeros".into());
+    }
+    Ok(())
+}
+
 /// Parses `outbox.kafka_config`: `key=value` pairs separated by commas. A literal comma or
 /// backslash inside a value is written `\,` or `\\`. Whitespace around keys and values is ignored.
 pub fn kafka_properties(text: &str) -> Result<Vec<(String, String)>, String> {
@@ -212,6 +245,23 @@ mod tests {
         assert!(database_list("a,a", 4).is_err());
         assert!(database_list("a,b,c", 2).is_err());
         assert!(database_list(&"d".repeat(64), 4).is_err());
+    }
+
+    #[test]
+    fn traceparents_follow_the_w3c_format() {
+        assert!(traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_ok());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "not a traceparent",
+        ] {
+            assert!(traceparent(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

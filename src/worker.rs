@@ -16,7 +16,7 @@ use pgrx::prelude::*;
 
 use crate::event::{Event, Outcome, Seq};
 use crate::guc;
-use crate::kafka::{ProducerSettings, Publisher, Report, TopicCheck};
+use crate::kafka::{MessageFormat, ProducerSettings, Publisher, Report, TopicCheck};
 use crate::ordering::{plan_round, RoundPlan};
 use crate::shared::{self, Connectivity, WorkerSlot, WorkerState};
 use crate::store::{self, RetryPolicy, Store};
@@ -245,7 +245,10 @@ impl Worker {
                 paused: false,
             };
         }
-        self.set_state(WorkerState::Publishing);
+        // A broker that does not answer stays the state until it acknowledges something.
+        if !self.broker.unreachable() {
+            self.set_state(WorkerState::Publishing);
+        }
 
         // Retries one at a time: a poison event must fail alone, not with its neighbours.
         for retry in &retries {
@@ -268,6 +271,7 @@ impl Worker {
         let mut waiting: HashMap<Seq, usize> = HashMap::with_capacity(events.len());
         let mut stopped: Vec<&str> = Vec::new();
         let prefix = guc::topic_prefix();
+        let format = self.message_format();
         let mut missing_topics: HashMap<String, Option<String>> = HashMap::new();
         for (i, event) in events.iter().enumerate() {
             if stopped.contains(&event.aggregate_id.as_str()) {
@@ -286,7 +290,7 @@ impl Worker {
                     .publisher
                     .as_ref()
                     .expect("publisher built before producing")
-                    .send(event, &topic),
+                    .send(event, &topic, &format),
             };
             match sent {
                 Ok(()) => {
@@ -301,6 +305,49 @@ impl Worker {
         self.await_reports(&mut waiting, &mut outcomes);
         warn_about_order_gaps(events, &outcomes);
         outcomes
+    }
+
+    /// Creates a missing topic (`outbox.auto_create_topics`) and waits until the broker lists it;
+    /// the reason it cannot take events otherwise.
+    fn create_topic(&mut self, topic: &str) -> Option<String> {
+        let publisher = self
+            .publisher
+            .as_ref()
+            .expect("publisher built before producing");
+        let (partitions, replication) = (guc::TOPIC_PARTITIONS.get(), guc::TOPIC_REPLICATION.get());
+        if let Err(error) =
+            publisher.create_topic(topic, partitions, replication, TOPIC_CHECK_TIMEOUT)
+        {
+            return Some(format!(
+                "topic \"{topic}\" does not exist and could not be created: {error}"
+            ));
+        }
+        log!("outbox_pg: created topic \"{topic}\" ({partitions} partitions, replication {replication})");
+        let deadline = Instant::now() + TOPIC_CHECK_TIMEOUT;
+        while Instant::now() < deadline {
+            if publisher.check_topic(topic, TOPIC_CHECK_TIMEOUT) == TopicCheck::Exists {
+                self.known_topics.insert(topic.to_string());
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(format!(
+            "topic \"{topic}\" was created but is not visible yet"
+        ))
+    }
+
+    fn message_format(&self) -> MessageFormat {
+        if !guc::cloudevents() {
+            return MessageFormat::Raw;
+        }
+        let source = guc::cloudevents_source();
+        MessageFormat::CloudEvents {
+            source: if source.is_empty() {
+                format!("/outbox_pg/{}", self.database)
+            } else {
+                source
+            },
+        }
     }
 
     /// The reason a topic cannot take events, if the broker says it does not exist. Confirmed
@@ -318,6 +365,7 @@ impl Worker {
                 self.known_topics.insert(topic.to_string());
                 None
             }
+            TopicCheck::Missing(_) if guc::AUTO_CREATE_TOPICS.get() => self.create_topic(topic),
             TopicCheck::Missing(reason) => {
                 Some(format!("topic \"{topic}\" does not exist: {reason}"))
             }

@@ -112,3 +112,105 @@ pub fn mock_cluster(
     }
     cluster
 }
+
+/// TLS in front of a plaintext broker port (socat), with a fresh self-signed certificate for
+/// 127.0.0.1. Tansu 0.6.0 cannot terminate TLS itself: its CLI puts --cert and --key in one
+/// mutually exclusive group, so at most one of them can be given.
+pub struct TlsProxy {
+    pub port: u16,
+    /// The self-signed certificate, to trust as the CA.
+    pub ca: PathBuf,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl TlsProxy {
+    /// Listens on `port` with TLS and forwards to 127.0.0.1:`target`.
+    pub fn start(port: u16, target: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("outbox-tls-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "openssl req");
+        let mut both = std::fs::read(dir.join("cert.pem")).unwrap();
+        both.extend(std::fs::read(dir.join("key.pem")).unwrap());
+        std::fs::write(dir.join("both.pem"), both).unwrap();
+        let child = Command::new("socat")
+            .arg(format!(
+                "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={}",
+                dir.join("both.pem").display()
+            ))
+            .arg(format!("TCP:127.0.0.1:{target}"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat (apt-get install socat)");
+        assert!(
+            wait_until(Duration::from_secs(10), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "socat did not listen on {port}"
+        );
+        TlsProxy {
+            port,
+            ca: dir.join("cert.pem"),
+            dir,
+            child,
+        }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Tansu {
+    /// A Tansu broker that advertises `advertised_port` (where a proxy forwards to it).
+    pub fn start_behind(advertised_port: u16) -> Self {
+        let port = free_port();
+        let listen = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised_port}");
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &listen,
+                "--advertised-listener-url",
+                &advertised,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let broker = Tansu {
+            port,
+            child: Some(child),
+        };
+        assert!(wait_until(Duration::from_secs(30), || TcpStream::connect(
+            ("127.0.0.1", port)
+        )
+        .is_ok()));
+        broker
+    }
+}

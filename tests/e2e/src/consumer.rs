@@ -37,7 +37,16 @@ pub struct TopicReader {
 impl TopicReader {
     /// Assigns every partition of `topics` from the beginning (no consumer group).
     pub fn new(bootstrap: &str, topics: &[&str]) -> Self {
-        let consumer: BaseConsumer = ClientConfig::new()
+        Self::with_config(bootstrap, topics, &[])
+    }
+
+    /// Like `new`, with extra librdkafka properties (TLS, ...).
+    pub fn with_config(bootstrap: &str, topics: &[&str], extra: &[(&str, &str)]) -> Self {
+        let mut config = ClientConfig::new();
+        for (key, value) in extra {
+            config.set(*key, *value);
+        }
+        let consumer: BaseConsumer = config
             .set("bootstrap.servers", bootstrap)
             .set("group.id", format!("outbox-e2e-{}", uuid::Uuid::new_v4()))
             .set("enable.auto.commit", "false")

@@ -283,6 +283,42 @@ fn catalogue(published_id: &str) -> Vec<Case> {
             "42883",
             "does not exist",
         ),
+        case(
+            "consume_once with a NULL consumer",
+            "SELECT outbox.consume_once(NULL, gen_random_uuid())",
+            "22004",
+            "consumer must not be NULL",
+        ),
+        case(
+            "consume_once with a NULL id",
+            "SELECT outbox.consume_once('c', NULL)",
+            "22004",
+            "event_id must not be NULL",
+        ),
+        case(
+            "consume_once with an empty consumer",
+            "SELECT outbox.consume_once('', gen_random_uuid())",
+            "22023",
+            "consumer must not be empty",
+        ),
+        case(
+            "purge_inbox with a negative interval",
+            "SELECT outbox.purge_inbox('-1 day')",
+            "22023",
+            "must be a positive interval",
+        ),
+        case(
+            "malformed traceparent",
+            "SET outbox.traceparent = '00-abc-01'",
+            "22023",
+            "invalid value for parameter \"outbox.traceparent\"",
+        ),
+        case(
+            "traceparent with an all-zero trace id",
+            "SET outbox.traceparent = '00-00000000000000000000000000000000-00f067aa0ba902b7-01'",
+            "22023",
+            "invalid value for parameter \"outbox.traceparent\"",
+        ),
         // numeric settings out of range
         case(
             "poll_interval 0",
@@ -374,7 +410,31 @@ fn catalogue(published_id: &str) -> Vec<Case> {
             "22023",
             "outside the valid range",
         ),
+        case(
+            "topic_partitions 0",
+            set("outbox.topic_partitions", "0"),
+            "22023",
+            "outside the valid range",
+        ),
+        case(
+            "topic_replication -2",
+            set("outbox.topic_replication", "-2"),
+            "22023",
+            "outside the valid range",
+        ),
+        case(
+            "auto_create_topics not a boolean",
+            set("outbox.auto_create_topics", "maybe"),
+            "22023",
+            "requires a Boolean value",
+        ),
         // string settings that do not parse
+        case(
+            "unknown message_format",
+            set("outbox.message_format", "avro"),
+            "22023",
+            "invalid value for parameter \"outbox.message_format\"",
+        ),
         case(
             "empty brokers",
             set("outbox.brokers", ""),

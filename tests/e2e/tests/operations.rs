@@ -331,7 +331,11 @@ fn databases_are_added_and_removed_with_a_reload() {
 
 #[test]
 fn the_postgres_exporter_query_runs_as_a_monitoring_role() {
-    let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../contrib/postgres_exporter.yaml")).unwrap();
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../contrib/postgres_exporter.yaml"
+    ))
+    .unwrap();
     let query: String = yaml
         .split("query: |")
         .nth(1)
@@ -340,7 +344,11 @@ fn the_postgres_exporter_query_runs_as_a_monitoring_role() {
         .to_string();
     let metrics: Vec<&str> = yaml
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("- ").and_then(|m| m.strip_suffix(':')))
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("- ")
+                .and_then(|m| m.strip_suffix(':'))
+        })
         .collect();
     let cluster = PgCluster::start(&[("outbox.database", "postgres")]);
     let mut db = cluster.connect();
