@@ -6,7 +6,8 @@ set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang cmake libssl-dev pkg-config sudo openssl socat)
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang cmake libssl-dev pkg-config sudo openssl socat
+          libpostgresql-jdbc-java)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -29,4 +30,17 @@ fi
 if ! tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
     echo "==> cargo install tansu 0.6.0 (about 17 minutes, once)"
     cargo install tansu --version 0.6.0 --locked --features dynostore
+fi
+
+# Client libraries for the documentation examples, which the tests run (docs/examples).
+TOOLS="${OUTBOX_TOOLS:-$HOME/.cache/outbox_pg}"
+if [ ! -x "$TOOLS/venv/bin/python" ] || ! "$TOOLS/venv/bin/python" -c "import psycopg, confluent_kafka" 2>/dev/null; then
+    echo "==> Python venv with psycopg and confluent-kafka in $TOOLS/venv"
+    python3 -m venv "$TOOLS/venv"
+    "$TOOLS/venv/bin/pip" install --quiet "psycopg[binary]>=3.1" "confluent-kafka>=2.3"
+fi
+if [ ! -d "$TOOLS/node/node_modules/pg" ]; then
+    echo "==> npm install pg in $TOOLS/node"
+    mkdir -p "$TOOLS/node"
+    npm install --silent --prefix "$TOOLS/node" pg@8
 fi
