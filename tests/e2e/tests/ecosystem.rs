@@ -124,6 +124,8 @@ fn cloudevents_binary_mode_adds_the_ce_headers() {
 
     cluster.set("outbox.cloudevents_source", "https://shop.example/orders");
     cluster.set("outbox.message_format", "raw");
+    // A reload reaches the worker asynchronously (the postmaster forwards SIGHUP).
+    std::thread::sleep(Duration::from_secs(1));
     db.batch_execute("SELECT outbox.emit('order.created', 43, '{}', topic => 'orders')")
         .unwrap();
     assert!(wait_until_published(&mut db, TIMEOUT));
