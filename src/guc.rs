@@ -290,85 +290,33 @@ unsafe fn check_string(newval: *mut *mut c_char, check: fn(&str) -> Result<(), S
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_brokers(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    unsafe { check_string(newval, validate::broker_list) }
+/// Defines a string GUC check hook that refuses what `validator` refuses, with its reason as the
+/// DETAIL. Check hooks run in any backend at SET or reload, and must not raise an ERROR.
+macro_rules! string_check_hook {
+    ($hook:ident, $validator:expr) => {
+        #[pg_guard]
+        unsafe extern "C-unwind" fn $hook(
+            newval: *mut *mut c_char,
+            _extra: *mut *mut c_void,
+            _source: pg_sys::GucSource::Type,
+        ) -> bool {
+            unsafe { check_string(newval, $validator) }
+        }
+    };
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_database(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    unsafe {
-        check_string(newval, |v| {
-            validate::database_list(v, MAX_DATABASES).map(drop)
-        })
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_topic_prefix(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // A prefix must itself be a valid start of a topic name; the full name is checked at emit.
-    unsafe {
-        check_string(newval, |v| {
-            if v.is_empty() {
-                Ok(())
-            } else {
-                validate::topic_name(v)
-            }
-        })
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_kafka_config(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    unsafe { check_string(newval, |v| validate::kafka_properties(v).map(drop)) }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_traceparent(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    unsafe {
-        check_string(newval, |v| {
-            if v.is_empty() {
-                Ok(())
-            } else {
-                validate::traceparent(v)
-            }
-        })
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_message_format(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    unsafe {
-        check_string(newval, |v| match v {
-            "raw" | "cloudevents" => Ok(()),
-            other => Err(format!(
-                "\"{}\" is not a message format: use raw or cloudevents",
-                other.escape_default()
-            )),
-        })
-    }
-}
+string_check_hook!(check_brokers, validate::broker_list);
+string_check_hook!(check_database, |v| validate::database_list(
+    v,
+    MAX_DATABASES
+)
+.map(drop));
+string_check_hook!(check_topic_prefix, validate::topic_prefix);
+string_check_hook!(check_kafka_config, |v| validate::kafka_properties(v)
+    .map(drop));
+string_check_hook!(check_traceparent, |v| if v.is_empty() {
+    Ok(())
+} else {
+    validate::traceparent(v)
+});
+string_check_hook!(check_message_format, validate::message_format);

@@ -33,6 +33,27 @@ pub fn topic_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `outbox.topic_prefix`: empty, or itself a valid start of a topic name (the full name is
+/// checked at emit).
+pub fn topic_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() {
+        Ok(())
+    } else {
+        topic_name(prefix)
+    }
+}
+
+/// `outbox.message_format`: `raw` or `cloudevents`.
+pub fn message_format(format: &str) -> Result<(), String> {
+    match format {
+        "raw" | "cloudevents" => Ok(()),
+        other => Err(format!(
+            "\"{}\" is not a message format: use raw or cloudevents",
+            other.escape_default()
+        )),
+    }
+}
+
 /// A user header name: non-empty and not one of the headers outbox_pg sets itself.
 pub fn header_name(name: &str) -> Result<(), String> {
     if name.is_empty() {

@@ -61,6 +61,23 @@ impl PgCluster {
         cluster
     }
 
+    /// A cluster publishing database `postgres` to `brokers`, polling every 200 ms (tests should
+    /// not wait long for what a commit does not announce), with `extra` settings and the
+    /// extension created.
+    pub fn with_outbox(brokers: &str, extra: &[(&str, &str)]) -> Self {
+        let mut settings = vec![
+            ("outbox.brokers", brokers),
+            ("outbox.poll_interval", "200ms"),
+        ];
+        settings.extend_from_slice(extra);
+        let cluster = PgCluster::start(&settings);
+        cluster
+            .connect()
+            .batch_execute("CREATE EXTENSION outbox_pg")
+            .unwrap();
+        cluster
+    }
+
     /// A streaming-replication standby of this cluster (pg_basebackup -R), started.
     pub fn start_standby(&self) -> PgCluster {
         let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);

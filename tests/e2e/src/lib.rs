@@ -42,6 +42,19 @@ pub fn wait_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> O
     }
 }
 
+/// The first column of every row `sql` returns, collected into `C` (a Vec, a HashSet, ...).
+pub fn column<T: postgres::types::FromSqlOwned, C: FromIterator<T>>(
+    client: &mut postgres::Client,
+    sql: &str,
+) -> C {
+    client
+        .query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 /// Counts rows of outbox.events matching a SQL condition.
 pub fn count_events(client: &mut postgres::Client, condition: &str) -> i64 {
     client

@@ -322,9 +322,5 @@ impl Audit {
 
 /// Ids of every event in outbox.events.
 pub fn table_ids(db: &mut postgres::Client) -> HashSet<String> {
-    db.query("SELECT id::text FROM outbox.events", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    crate::column(db, "SELECT id::text FROM outbox.events")
 }

@@ -66,15 +66,7 @@ fn emit_examples_in_every_language_publish_their_events() {
             cluster.port
         )));
 
-    let customers: Vec<String> = db
-        .query(
-            "SELECT o.customer FROM outbox.events e JOIN orders o ON o.id::text = e.aggregate_id ORDER BY e.seq",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let customers: Vec<String> = column(&mut db, "SELECT o.customer FROM outbox.events e JOIN orders o ON o.id::text = e.aggregate_id ORDER BY e.seq");
     assert_eq!(
         customers,
         ["psql", "python", "node", "java"],

@@ -8,25 +8,11 @@ use outbox_pg_e2e::*;
 const TIMEOUT: Duration = Duration::from_secs(60);
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-fn cluster_for(brokers: &str, extra: &[(&str, &str)]) -> PgCluster {
-    let mut settings = vec![
-        ("outbox.brokers", brokers),
-        ("outbox.poll_interval", "200ms"),
-    ];
-    settings.extend_from_slice(extra);
-    let cluster = PgCluster::start(&settings);
-    cluster
-        .connect()
-        .batch_execute("CREATE EXTENSION outbox_pg")
-        .unwrap();
-    cluster
-}
-
 #[test]
 fn the_session_trace_context_travels_as_a_traceparent_header() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute(&format!(
         "BEGIN;
@@ -86,7 +72,7 @@ fn the_session_trace_context_travels_as_a_traceparent_header() {
 fn cloudevents_binary_mode_adds_the_ce_headers() {
     let tansu = Tansu::start();
     tansu.create_topic("orders", 1);
-    let cluster = cluster_for(
+    let cluster = PgCluster::with_outbox(
         &tansu.bootstrap(),
         &[("outbox.message_format", "cloudevents")],
     );
@@ -146,7 +132,7 @@ fn cloudevents_binary_mode_adds_the_ce_headers() {
 #[test]
 fn missing_topics_are_created_when_asked_and_failed_otherwise() {
     let tansu = Tansu::start();
-    let cluster = cluster_for(&tansu.bootstrap(), &[("outbox.retry_backoff", "200ms")]);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[("outbox.retry_backoff", "200ms")]);
     let mut db = cluster.connect();
     db.batch_execute("SELECT outbox.emit('new.topic', 1, '{}')")
         .unwrap();
@@ -294,7 +280,7 @@ fn publishes_over_tls_with_a_self_signed_certificate() {
     tansu.create_topic("secure", 1);
     let proxy = TlsProxy::start(tls_port, tansu.port);
     let ca = proxy.ca.display().to_string();
-    let cluster = cluster_for(
+    let cluster = PgCluster::with_outbox(
         &format!("127.0.0.1:{tls_port}"),
         &[(
             "outbox.kafka_config",
@@ -345,7 +331,7 @@ fn sasl_is_negotiated_with_the_broker() {
     // own CLI cannot create users; so this shows the SASL handshake reaching the broker and its
     // refusal reported, not a successful login.
     let tansu = Tansu::start();
-    let cluster = cluster_for(
+    let cluster = PgCluster::with_outbox(
         &tansu.bootstrap(),
         &[(
             "outbox.kafka_config",

@@ -28,19 +28,12 @@ fn spec(topic: &str, sessions: usize, events_per_session: usize) -> StreamSpec {
 
 fn fault_cluster(brokers: &str, extra: &[(&str, &str)]) -> PgCluster {
     let mut settings = vec![
-        ("outbox.brokers", brokers),
-        ("outbox.poll_interval", "200ms"),
         ("outbox.retention", "-1"),
         ("outbox.retry_backoff", "200ms"),
         ("outbox.retry_backoff_max", "2s"),
     ];
     settings.extend_from_slice(extra);
-    let cluster = PgCluster::start(&settings);
-    cluster
-        .connect()
-        .batch_execute("CREATE EXTENSION outbox_pg")
-        .unwrap();
-    cluster
+    PgCluster::with_outbox(brokers, &settings)
 }
 
 /// Waits for the backlog to drain, reads everything back and audits it.
@@ -417,18 +410,8 @@ fn poison_events_die_while_other_aggregates_flow() {
         .get(0);
     assert!(error.contains("does not exist"), "{error}");
     let mut log = log;
-    let dead: HashSet<String> = db
-        .query("SELECT id::text FROM outbox.dead_letters", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let later: HashSet<String> = db
-        .query("SELECT id::text FROM outbox.events WHERE aggregate_id IN ('poison', 'big') AND payload->>'blob' IS NULL AND topic = 'faults.poison'", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let dead: HashSet<String> = column(&mut db, "SELECT id::text FROM outbox.dead_letters");
+    let later: HashSet<String> = column(&mut db, "SELECT id::text FROM outbox.events WHERE aggregate_id IN ('poison', 'big') AND payload->>'blob' IS NULL AND topic = 'faults.poison'");
     log.committed.extend(later);
     // Dead events are kept, not lost: the audit compares against everything else.
     assert!(wait_until_published(&mut db, DRAIN));

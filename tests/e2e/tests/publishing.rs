@@ -9,26 +9,12 @@ use outbox_pg_e2e::*;
 
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn cluster_for(broker: &str, extra: &[(&str, &str)]) -> PgCluster {
-    let mut settings = vec![
-        ("outbox.brokers", broker),
-        ("outbox.poll_interval", "200ms"),
-    ];
-    settings.extend_from_slice(extra);
-    let cluster = PgCluster::start(&settings);
-    cluster
-        .connect()
-        .batch_execute("CREATE EXTENSION outbox_pg")
-        .unwrap();
-    cluster
-}
-
 #[test]
 fn committed_events_arrive_with_key_headers_and_payload() {
     let tansu = Tansu::start();
     tansu.create_topic("order.created", 3);
     tansu.create_topic("orders.custom", 2);
-    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
 
     db.batch_execute(
@@ -110,7 +96,7 @@ fn committed_events_arrive_with_key_headers_and_payload() {
 fn rolled_back_transactions_publish_nothing() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     let emit = "SELECT outbox.emit('t', $1::text, '{}')::text";
 
@@ -163,7 +149,7 @@ fn same_aggregate_events_arrive_in_emit_order_across_sessions() {
     const ROUNDS: i64 = 60;
     let tansu = Tansu::start();
     tansu.create_topic("counter.bumped", 3);
-    let cluster = cluster_for(&tansu.bootstrap(), &[("outbox.batch_size", "7")]);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[("outbox.batch_size", "7")]);
     cluster
         .connect()
         .batch_execute(&format!(
@@ -238,7 +224,7 @@ fn same_aggregate_events_arrive_in_emit_order_across_sessions() {
 #[test]
 fn worker_waits_for_broker_down_at_start_and_publishes_once_it_is_up() {
     let port = free_port();
-    let cluster = cluster_for(&format!("127.0.0.1:{port}"), &[]);
+    let cluster = PgCluster::with_outbox(&format!("127.0.0.1:{port}"), &[]);
     let mut db = cluster.connect();
     db.batch_execute(
         "SELECT outbox.emit('late', g, jsonb_build_object('g', g)) FROM generate_series(1, 10) g",
@@ -317,17 +303,12 @@ fn worker_waits_for_its_database_and_extension_without_crash_looping() {
 fn worker_is_visible_to_operators_and_restarted_after_termination() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
-    let types: Vec<String> = db
-        .query(
-            "SELECT backend_type FROM pg_stat_activity WHERE backend_type LIKE 'outbox_pg%' ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let types: Vec<String> = column(
+        &mut db,
+        "SELECT backend_type FROM pg_stat_activity WHERE backend_type LIKE 'outbox_pg%' ORDER BY 1",
+    );
     assert_eq!(types, vec!["outbox_pg launcher", "outbox_pg worker"]);
 
     let first = cluster.worker_pid("postgres").unwrap();
@@ -351,7 +332,7 @@ fn worker_is_visible_to_operators_and_restarted_after_termination() {
 fn retention_deletes_old_published_events_only() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 2500) g")
         .unwrap();
@@ -383,7 +364,7 @@ fn retention_deletes_old_published_events_only() {
 fn standby_publishes_only_after_promotion() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let primary = cluster_for(&tansu.bootstrap(), &[("wal_level", "replica")]);
+    let primary = PgCluster::with_outbox(&tansu.bootstrap(), &[("wal_level", "replica")]);
     let standby = primary.start_standby();
     let mut db = primary.connect();
     db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 5) g")
@@ -426,7 +407,7 @@ fn standby_publishes_only_after_promotion() {
 #[test]
 fn shutdown_does_not_wait_for_an_absent_broker_and_loses_nothing() {
     let port = free_port();
-    let cluster = cluster_for(&format!("127.0.0.1:{port}"), &[]);
+    let cluster = PgCluster::with_outbox(&format!("127.0.0.1:{port}"), &[]);
     let mut db = cluster.connect();
     db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 20) g")
         .unwrap();
@@ -456,7 +437,7 @@ fn shutdown_does_not_wait_for_an_absent_broker_and_loses_nothing() {
 fn worker_killed_with_sigkill_comes_back_and_publishes() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = cluster_for(&tansu.bootstrap(), &[]);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[]);
     let worker = cluster.worker_pid("postgres").expect("worker running");
     // SIGKILL of a process with shared memory makes the postmaster restart every backend.
     std::process::Command::new("kill")
