@@ -4,12 +4,11 @@
 //! `emit()` is written against the V1 calling convention directly so the payload `jsonb` datum goes
 //! from the caller to the INSERT untouched: no detoast, no re-serialisation, no per-call planning.
 
-use std::cell::Cell;
-
 use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::append::{self, EventRow};
 use crate::error::Refusal;
 use crate::{guc, validate, wake};
 
@@ -83,7 +82,14 @@ struct NewEvent {
 unsafe fn emit(fcinfo: pg_sys::FunctionCallInfo, aggregate_id: Option<String>) -> pg_sys::Datum {
     let event = unsafe { NewEvent::from_arguments(fcinfo, aggregate_id) };
     let id = uuid::Uuid::now_v7();
-    insert_event(id, &event);
+    append::append(&EventRow {
+        id,
+        event_type: &event.event_type,
+        aggregate_id: &event.aggregate_id,
+        payload: event.payload,
+        headers: event.headers,
+        topic: event.topic.as_deref(),
+    });
     wake::note_emitted();
     pgrx::Uuid::from_bytes(*id.as_bytes())
         .into_datum()
@@ -296,90 +302,6 @@ unsafe fn check_message_size(
         .detail(format!("payload {text_len} bytes as JSON text, key and headers {others} bytes"))
         .hint("Store large documents elsewhere and emit a reference to them, or raise outbox.max_message_size together with the topic's max.message.bytes.")
         .raise();
-    }
-}
-
-const INSERT_EVENT: &std::ffi::CStr = c"INSERT INTO outbox.events \
-    (id, event_type, aggregate_id, payload, headers, topic) VALUES ($1, $2, $3, $4, $5, $6)";
-
-thread_local! {
-    /// This backend's saved plan for INSERT_EVENT; plancache revalidates it after DDL.
-    static INSERT_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-/// Inserts the row through SPI with a plan prepared once per backend.
-fn insert_event(id: uuid::Uuid, event: &NewEvent) {
-    let text = |s: &str| s.into_datum().expect("text is never NULL");
-    let mut values = [
-        pgrx::Uuid::from_bytes(*id.as_bytes())
-            .into_datum()
-            .expect("a uuid is never NULL"),
-        text(&event.event_type),
-        text(&event.aggregate_id),
-        event.payload,
-        event.headers.unwrap_or(pg_sys::Datum::from(0)),
-        event
-            .topic
-            .as_deref()
-            .map(text)
-            .unwrap_or(pg_sys::Datum::from(0)),
-    ];
-    let null = |absent: bool| {
-        if absent {
-            b'n' as std::ffi::c_char
-        } else {
-            b' ' as std::ffi::c_char
-        }
-    };
-    let nulls = [
-        null(false),
-        null(false),
-        null(false),
-        null(false),
-        null(event.headers.is_none()),
-        null(event.topic.is_none()),
-    ];
-    // SAFETY: called from a SQL function inside a transaction, the only place SPI may connect;
-    // values and nulls have exactly the six entries the plan declares. The search path pushed
-    // here is popped below, or by transaction abort if the insert raises an error.
-    unsafe {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            pgrx::error!("outbox.emit: SPI_connect failed");
-        }
-        // emit() runs with its owner's rights: resolve names in pg_catalog only, never in the
-        // caller's schemas or pg_temp. The plan keeps this path; Postgres replans only if the
-        // active path differs, so it is pushed on every call.
-        let mut catalog_only = pg_sys::OverrideSearchPath {
-            schemas: std::ptr::null_mut(),
-            addCatalog: true,
-            addTemp: false,
-            generation: 0,
-        };
-        pg_sys::PushOverrideSearchPath(&mut catalog_only);
-        let plan = INSERT_PLAN.with(|cell| {
-            if cell.get().is_null() {
-                let mut types = [
-                    pg_sys::UUIDOID,
-                    pg_sys::TEXTOID,
-                    pg_sys::TEXTOID,
-                    pg_sys::JSONBOID,
-                    pg_sys::JSONBOID,
-                    pg_sys::TEXTOID,
-                ];
-                let plan = pg_sys::SPI_prepare(INSERT_EVENT.as_ptr(), 6, types.as_mut_ptr());
-                if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                    pgrx::error!("outbox.emit: could not prepare the outbox insert");
-                }
-                cell.set(plan);
-            }
-            cell.get()
-        });
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 1);
-        if rc != pg_sys::SPI_OK_INSERT as i32 {
-            pgrx::error!("outbox.emit: insert into outbox.events failed (SPI code {rc})");
-        }
-        pg_sys::PopOverrideSearchPath();
-        pg_sys::SPI_finish();
     }
 }
 

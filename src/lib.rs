@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 
 mod admin;
 mod api;
+mod append;
 mod error;
 mod event;
 mod guc;
