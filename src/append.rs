@@ -656,6 +656,23 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_shipped_table_takes_the_direct_path() {
+        let table = super::EventsTable::current();
+        let plain = table.is_plain();
+        let entered = match &table.layout {
+            Some(super::Layout {
+                indexing: super::Indexing::Entered(indexes),
+                ..
+            }) => indexes.len(),
+            _ => 0,
+        };
+        table.close();
+        assert!(plain);
+        // The primary key and events_pending; never the retry or dead-letter indexes.
+        assert_eq!(entered, 2);
+    }
+
+    #[pg_test]
     fn direct_insert_maintains_every_index() {
         Spi::run(
             "SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 300) g;

@@ -340,3 +340,59 @@ pub fn machine() -> String {
         .unwrap_or(0);
     format!("{cores} cores ({cpu}), {} GiB RAM", mem_kb / 1024 / 1024)
 }
+
+/// Sends `rate` messages per second for `duration` straight to the broker, with the producer
+/// settings outbox_pg uses, stamping each send instant: the broker and client's own latency
+/// floor, the best any relay could reach on this broker.
+pub fn produce_at_rate(
+    bootstrap: &str,
+    topic: &str,
+    id_prefix: &str,
+    rate: u32,
+    duration: Duration,
+    clock: Arc<Clock>,
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()
+        .expect("producer");
+    let start = Instant::now() + Duration::from_millis(200);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut n: u64 = 0;
+    loop {
+        let due = start + interval.mul_f64(n as f64);
+        if due >= start + duration {
+            break;
+        }
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let id = format!("{id_prefix}-{n}");
+        let key = (n % 1000).to_string();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "outbox-id",
+            value: Some(&id),
+        });
+        clock
+            .committed
+            .lock()
+            .unwrap()
+            .insert(id.clone(), Instant::now());
+        producer
+            .send(
+                BaseRecord::to(topic)
+                    .key(&key)
+                    .payload(PAYLOAD_LITERAL)
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        n += 1;
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}

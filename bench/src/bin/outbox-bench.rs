@@ -194,11 +194,11 @@ fn latency(options: &Options) -> String {
     let runs: Vec<(u32, &str, String)> = [500u32, 5000]
         .into_iter()
         .flat_map(|rate| {
-            ["outbox_pg", "baseline relay"].map(|system| {
+            [OUTBOX_PG, BASELINE, PRODUCER_ALONE].map(|system| {
                 (
                     rate,
                     system,
-                    format!("bench.latency.{rate}.{}", system.len()),
+                    format!("bench.latency.{rate}.{}", system.replace(' ', "-")),
                 )
             })
         })
@@ -211,8 +211,11 @@ fn latency(options: &Options) -> String {
         for (rate, system, topic) in &runs {
             let (rate, system) = (*rate, *system);
             {
-                let summary =
-                    measure_latency(&broker, topic, rate, duration, system == "outbox_pg");
+                let summary = if system == PRODUCER_ALONE {
+                    measure_broker_floor(&broker, topic, rate, duration)
+                } else {
+                    measure_latency(&broker, topic, rate, duration, system == OUTBOX_PG)
+                };
                 let [p50, p95, p99, max] = summary.cells();
                 writeln!(
                     out,
@@ -231,9 +234,51 @@ fn latency(options: &Options) -> String {
          (fetch.wait.max.ms = 5) got the message. `synchronous_commit = off` on this cluster, because the \
          machine cannot fsync 5,000 transactions a second; publishing does not depend on it. \
          \"≥\": some events had not arrived when the window closed (10 s after the last emit), \
-         counted at that bound.\n\n",
+         counted at that bound. \"producer alone\": no database, a librdkafka producer with outbox_pg's \
+         settings sends at the same rate, timed from the send call: the broker's own floor.\n\n",
     );
     out
+}
+
+const OUTBOX_PG: &str = "outbox_pg";
+const BASELINE: &str = "baseline relay";
+const PRODUCER_ALONE: &str = "producer alone";
+
+/// Send → receive latency of a bare producer at `rate`: what the broker and client cost by
+/// themselves, for comparison with commit → receive through outbox_pg.
+fn measure_broker_floor(broker: &Broker, topic: &str, rate: u32, duration: Duration) -> Summary {
+    let clock = Arc::new(Clock::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = start_consumer(&broker.bootstrap(), topic, clock.clone(), stop.clone());
+    // Warm up the producer's connections, as for outbox_pg.
+    produce_at_rate(
+        &broker.bootstrap(),
+        topic,
+        "warm-up",
+        100,
+        Duration::from_secs(1),
+        clock.clone(),
+    );
+    wait_until(Duration::from_secs(30), || {
+        clock.received.lock().unwrap().len() >= clock.committed.lock().unwrap().len()
+    });
+    let from = Instant::now();
+    produce_at_rate(
+        &broker.bootstrap(),
+        topic,
+        "measured",
+        rate,
+        duration,
+        clock.clone(),
+    );
+    let to = Instant::now();
+    wait_until(Duration::from_secs(10), || {
+        clock.received.lock().unwrap().len() >= clock.committed.lock().unwrap().len()
+    });
+    let end = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    consumer.join().unwrap();
+    clock.summary(from, to, end)
 }
 
 fn measure_latency(
@@ -410,7 +455,7 @@ fn emit_cost(options: &Options) -> String {
         for clients in [1, 8] {
             // Three alternating runs each, each after a checkpoint; the median of each is reported.
             let (mut outbox, mut classic) = (Vec::new(), Vec::new());
-            for _ in 0..3 {
+            for _ in 0..PGBENCH_ROUNDS {
                 db.batch_execute("CHECKPOINT").unwrap();
                 classic.push(pgbench(&cluster, &classic_script, clients, seconds));
                 db.batch_execute("CHECKPOINT").unwrap();
@@ -430,10 +475,65 @@ fn emit_cost(options: &Options) -> String {
         "\nBoth scripts insert the same business row and the same ≈200-byte payload in one transaction \
          (pgbench -M prepared). The classic table has a random UUIDv4 key and a partial index for its relay; \
          outbox.events has a time-ordered UUIDv7 key and a partial index on the emission sequence. Each run \
-         starts after a CHECKPOINT, as every checkpoint cycle does in production; median of three \
+         starts after a CHECKPOINT, as every checkpoint cycle does in production; median of five \
          alternating runs.\n\n",
     );
+    out.push_str(&server_side_cost(&mut db));
     out
+}
+
+/// pgbench runs per script and setting; the median is reported.
+const PGBENCH_ROUNDS: usize = 5;
+
+/// The server's own work per event, without the client round trips that dominate pgbench at one
+/// client: a PL/pgSQL loop of emit() calls against a loop of the classic INSERT (both prepared
+/// statements), in one transaction each, alternating; the fastest of the runs is the cost with
+/// the least interference from the rest of the machine.
+fn server_side_cost(db: &mut postgres::Client) -> String {
+    const CALLS: i32 = 50_000;
+    const RUNS: usize = 7;
+    db.batch_execute(&format!(
+        "CREATE FUNCTION bench_per_call(kind text, n int) RETURNS float8 LANGUAGE plpgsql AS $$
+         DECLARE started timestamptz := clock_timestamp(); agg int; p jsonb := '{PAYLOAD_LITERAL}';
+         BEGIN
+           IF kind = 'outbox' THEN
+             FOR i IN 1..n LOOP agg := 1 + i % 1000; PERFORM outbox.emit('order.created', agg, p); END LOOP;
+           ELSIF kind = 'classic' THEN
+             FOR i IN 1..n LOOP agg := 1 + i % 1000;
+               INSERT INTO classic_outbox (aggregate_id, event_type, payload) VALUES (agg, 'order.created', p);
+             END LOOP;
+           ELSE
+             FOR i IN 1..n LOOP agg := 1 + i % 1000; PERFORM agg; END LOOP;
+           END IF;
+           RETURN extract(epoch FROM clock_timestamp() - started) * 1e6 / n;
+         END $$"
+    ))
+    .unwrap();
+    let mut measure = |kind: &str, runs: &mut Vec<f64>| {
+        let row = db
+            .query_one("SELECT bench_per_call($1, $2)", &[&kind, &CALLS])
+            .unwrap();
+        runs.push(row.get::<_, f64>(0));
+    };
+    let (mut outbox, mut classic, mut empty) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        measure("classic", &mut classic);
+        measure("outbox", &mut outbox);
+        measure("empty", &mut empty);
+    }
+    let min = |runs: &[f64]| runs.iter().cloned().fold(f64::INFINITY, f64::min);
+    let loop_cost = min(&empty);
+    let (outbox, classic) = (min(&outbox) - loop_cost, min(&classic) - loop_cost);
+    println!(
+        "emit cost, server side: emit() {outbox:.2} µs, classic INSERT {classic:.2} µs per event"
+    );
+    format!(
+        "Server side, per event ({CALLS} calls in a PL/pgSQL loop, fastest of {RUNS} alternating runs, \
+         loop overhead of {loop_cost:.2} µs subtracted):\n\n\
+         | `outbox.emit()` | classic INSERT | classic / emit() |\n|---|---|---|\n\
+         | {outbox:.2} µs | {classic:.2} µs | {:.2}× |\n\n",
+        classic / outbox
+    )
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -453,6 +553,8 @@ fn pgbench(cluster: &PgCluster, script: &std::path::Path, clients: u32, seconds:
             "postgres",
         ])
         .args([
+            "-M",
+            "prepared",
             "-c",
             &clients.to_string(),
             "-j",
