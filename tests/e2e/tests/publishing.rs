@@ -467,3 +467,79 @@ fn worker_killed_with_sigkill_comes_back_and_publishes() {
         5
     );
 }
+
+/// Every statement the worker runs is an index walk, however stale the table's statistics: a
+/// burst published right after CREATE EXTENSION (never analysed: the planner thinks the table is
+/// empty) must not be recorded by scanning the whole table once per batch, which made the worker
+/// fall further behind with every row. Scans are counted by Postgres itself.
+#[test]
+fn publishing_a_burst_on_a_fresh_table_never_scans_the_whole_table() {
+    let mock = mock_cluster(&[("t", 3)]);
+    let cluster = PgCluster::with_outbox(
+        &mock.bootstrap_servers(),
+        &[("autovacuum", "off"), ("outbox.batch_size", "100")],
+    );
+    let mut db = cluster.connect();
+    // This session looks rows up by primary key only, so every sequential scan counted below
+    // is the worker's.
+    db.batch_execute("SET enable_seqscan = off").unwrap();
+    let mut published = |id: &str| {
+        wait_until(PUBLISH_TIMEOUT, || {
+            db.query_one(
+                "SELECT published_at IS NOT NULL FROM outbox.events WHERE id = $1::text::uuid",
+                &[&id],
+            )
+            .unwrap()
+            .get(0)
+        })
+    };
+    let first: String = cluster
+        .connect()
+        .query_one("SELECT outbox.emit('t', 1, '{}')::text", &[])
+        .unwrap()
+        .get(0);
+    assert!(published(&first));
+    // CREATE EXTENSION's index builds read the table; count from here. (The worker reports its
+    // counts when it exits, so they include its first batch.)
+    cluster
+        .connect()
+        .batch_execute("SELECT pg_stat_reset_single_table_counters('outbox.events'::regclass)")
+        .unwrap();
+    // The worker claims in emission order, one batch after another: once the last event is
+    // published, so are the 5,000 before it.
+    let mut emitter = cluster.connect();
+    let mut burst = emitter.transaction().unwrap();
+    burst
+        .batch_execute("SELECT outbox.emit('t', g % 50, '{}') FROM generate_series(1, 5000) g")
+        .unwrap();
+    let last: String = burst
+        .query_one("SELECT outbox.emit('t', 7, '{}')::text", &[])
+        .unwrap()
+        .get(0);
+    burst.commit().unwrap();
+    assert!(published(&last));
+
+    // A background worker reports its table statistics when it exits.
+    let worker = cluster.worker_pid("postgres").unwrap();
+    db.execute("SELECT pg_terminate_backend($1)", &[&worker])
+        .unwrap();
+    assert!(cluster.wait_for_log(
+        "worker for database \"postgres\" stopped",
+        Duration::from_secs(10)
+    ));
+    let (sequential, by_index): (i64, i64) = {
+        let row = db
+            .query_one(
+                "SELECT seq_scan, idx_scan FROM pg_stat_user_tables
+                 WHERE relid = 'outbox.events'::regclass",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(
+        by_index >= 50,
+        "the worker's batches went through indexes ({by_index} scans)"
+    );
+    assert_eq!(sequential, 0, "no statement scanned the whole outbox table");
+}
