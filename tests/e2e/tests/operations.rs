@@ -359,3 +359,73 @@ fn the_postgres_exporter_query_runs_as_a_monitoring_role() {
     let columns: Vec<&str> = row.columns().iter().map(|c| c.name()).collect();
     assert_eq!(columns, metrics, "every column is described as a metric");
 }
+
+/// emit() writes index entries itself (src/append.rs) and learns the table's indexes once per
+/// session; an index built, rebuilt or dropped concurrently while long-lived sessions emit must
+/// still end up holding every row (amcheck's heapallindexed verification).
+#[test]
+fn indexes_built_concurrently_while_sessions_emit_hold_every_row() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let cluster = PgCluster::with_outbox("127.0.0.1:9", &[("outbox.database", "parked")]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let emitters: Vec<_> = (0..2)
+        .map(|session| {
+            let mut db = cluster.connect();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let emit = db
+                    .prepare("SELECT outbox.emit('t', $1::text, '{}')")
+                    .unwrap();
+                let mut emitted = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let aggregate = format!("{}{}", ["a", "b"][session], emitted % 7);
+                    db.execute(&emit, &[&aggregate]).unwrap();
+                    emitted += 1;
+                }
+                emitted
+            })
+        })
+        .collect();
+    let mut db = cluster.connect();
+    std::thread::sleep(Duration::from_millis(300));
+    for ddl in [
+        "CREATE INDEX CONCURRENTLY by_aggregate ON outbox.events (aggregate_id)",
+        "CREATE INDEX CONCURRENTLY fresh_a ON outbox.events (seq) WHERE aggregate_id LIKE 'a%'",
+        "CREATE UNIQUE INDEX CONCURRENTLY by_seq ON outbox.events (seq) WHERE publish_attempts = 0",
+        "REINDEX INDEX CONCURRENTLY outbox.events_pending",
+        "DROP INDEX CONCURRENTLY outbox.fresh_a",
+    ] {
+        db.batch_execute(ddl).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let emitted: u64 = emitters.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(emitted > 100, "the sessions emitted while the DDL ran");
+
+    db.batch_execute("CREATE EXTENSION amcheck").unwrap();
+    let checked: Vec<String> = column(
+        &mut db,
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE i.indrelid = 'outbox.events'::regclass AND bt_index_check(c.oid, true) IS NOT NULL
+         ORDER BY 1",
+    );
+    assert_eq!(
+        checked,
+        [
+            "by_aggregate",
+            "by_seq",
+            "events_dead",
+            "events_pending",
+            "events_pkey",
+            "events_retrying"
+        ]
+    );
+    let rows = count_events(&mut db, "true");
+    assert_eq!(rows as u64, emitted);
+    db.batch_execute("SET enable_seqscan = off; SET enable_bitmapscan = off")
+        .unwrap();
+    let through_index = count_events(&mut db, "published_at IS NULL AND publish_attempts = 0");
+    assert_eq!(through_index, rows);
+}
