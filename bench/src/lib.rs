@@ -341,11 +341,24 @@ pub fn machine() -> String {
     format!("{cores} cores ({cpu}), {} GiB RAM", mem_kb / 1024 / 1024)
 }
 
-/// Sends `rate` messages per second for `duration` straight to the broker, with the producer
-/// settings outbox_pg uses, stamping each send instant: the broker and client's own latency
-/// floor, the best any relay could reach on this broker.
-pub fn produce_at_rate(
+/// A librdkafka producer with the settings outbox_pg uses by default.
+pub fn bare_producer(
     bootstrap: &str,
+) -> rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()
+        .expect("producer")
+}
+
+/// Sends `rate` messages per second for `duration` straight to the broker, stamping each send
+/// instant: the broker and client's own latency floor, the best any relay could reach on this
+/// broker. Waits until every message is acknowledged.
+pub fn produce_at_rate(
+    producer: &rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
     topic: &str,
     id_prefix: &str,
     rate: u32,
@@ -353,14 +366,7 @@ pub fn produce_at_rate(
     clock: Arc<Clock>,
 ) {
     use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .create()
-        .expect("producer");
+    use rdkafka::producer::{BaseRecord, Producer};
     let start = Instant::now() + Duration::from_millis(200);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let mut n: u64 = 0;

@@ -64,6 +64,14 @@ fn cluster(brokers: &str, extra: &[(&str, &str)]) -> PgCluster {
         ("checkpoint_timeout", "15min"),
     ];
     settings.extend_from_slice(extra);
+    // BENCH_PG_SETTINGS="name=value;name=value" adds settings to every cluster (investigations,
+    // e.g. auto_explain).
+    let investigation = std::env::var("BENCH_PG_SETTINGS").unwrap_or_default();
+    settings.extend(
+        investigation
+            .split(';')
+            .filter_map(|pair| pair.split_once('=')),
+    );
     let cluster = PgCluster::start(&settings);
     cluster
         .connect()
@@ -191,7 +199,17 @@ fn latency(options: &Options) -> String {
         duration.as_secs()
     );
     // A fresh topic per run, so a consumer only ever sees its own run's messages.
-    let runs: Vec<(u32, &str, String)> = [500u32, 5000]
+    // BENCH_LATENCY_RATES=5000 measures one rate only (when investigating).
+    let rates: Vec<u32> = std::env::var("BENCH_LATENCY_RATES")
+        .unwrap_or_else(|_| "500,5000".into())
+        .split(',')
+        .map(|r| {
+            r.trim()
+                .parse()
+                .expect("BENCH_LATENCY_RATES: comma-separated rates")
+        })
+        .collect();
+    let runs: Vec<(u32, &str, String)> = rates
         .into_iter()
         .flat_map(|rate| {
             [OUTBOX_PG, BASELINE, PRODUCER_ALONE].map(|system| {
@@ -250,9 +268,11 @@ fn measure_broker_floor(broker: &Broker, topic: &str, rate: u32, duration: Durat
     let clock = Arc::new(Clock::default());
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = start_consumer(&broker.bootstrap(), topic, clock.clone(), stop.clone());
-    // Warm up the producer's connections, as for outbox_pg.
+    // Warm up the producer's connections, as for outbox_pg, whose producer lives as long as the
+    // worker.
+    let producer = bare_producer(&broker.bootstrap());
     produce_at_rate(
-        &broker.bootstrap(),
+        &producer,
         topic,
         "warm-up",
         100,
@@ -263,14 +283,7 @@ fn measure_broker_floor(broker: &Broker, topic: &str, rate: u32, duration: Durat
         clock.received.lock().unwrap().len() >= clock.committed.lock().unwrap().len()
     });
     let from = Instant::now();
-    produce_at_rate(
-        &broker.bootstrap(),
-        topic,
-        "measured",
-        rate,
-        duration,
-        clock.clone(),
-    );
+    produce_at_rate(&producer, topic, "measured", rate, duration, clock.clone());
     let to = Instant::now();
     wait_until(Duration::from_secs(10), || {
         clock.received.lock().unwrap().len() >= clock.committed.lock().unwrap().len()

@@ -1,6 +1,6 @@
 //! The documentation's examples run against a real cluster and broker: emitting from psql,
-//! Python (psycopg), Node (pg) and Java (JDBC), and consuming once with Python. (The Go example
-//! is not run: the Go module proxy is not reachable from the build machines.)
+//! Python (psycopg), Node (pg), Java (JDBC) and Go (pgx, from Debian's packages in GOPATH mode:
+//! the Go module proxy is not reachable from the build machines), and consuming once with Python.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -65,11 +65,19 @@ fn emit_examples_in_every_language_publish_their_events() {
             "jdbc:postgresql://127.0.0.1:{}/postgres?user=postgres",
             cluster.port
         )));
+    run(Command::new("go")
+        .arg("run")
+        .arg(examples().join("emit.go"))
+        .env("DATABASE_URL", &url)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GOCACHE", tools().join("go-build"))
+        .env("GOFLAGS", ""));
 
     let customers: Vec<String> = column(&mut db, "SELECT o.customer FROM outbox.events e JOIN orders o ON o.id::text = e.aggregate_id ORDER BY e.seq");
     assert_eq!(
         customers,
-        ["psql", "python", "node", "java"],
+        ["psql", "python", "node", "java", "go"],
         "one event per committed order, none for rollbacks"
     );
     assert!(wait_until_published(&mut db, TIMEOUT));
@@ -89,7 +97,7 @@ fn emit_examples_in_every_language_publish_their_events() {
         .query_one("SELECT count(*) FROM invoices", &[])
         .unwrap()
         .get(0);
-    assert_eq!(invoices, 4);
+    assert_eq!(invoices, 5);
     let seen: i64 = db
         .query_one(
             "SELECT count(*) FROM outbox.inbox WHERE consumer = 'billing'",
@@ -97,5 +105,5 @@ fn emit_examples_in_every_language_publish_their_events() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(seen, 4);
+    assert_eq!(seen, 5);
 }
