@@ -21,6 +21,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
+use std::rc::Rc;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -95,6 +96,25 @@ impl Column {
     fn same_in_every_fresh_row(self) -> bool {
         matches!(self, Column::PublishAttempts | Column::StartsNull)
     }
+
+    /// True if the attribute is what the direct path writes into this column: the type of the
+    /// datum it forms, and for a column it may leave NULL, no NOT NULL and no default that the
+    /// SQL INSERT would have applied.
+    fn fits(self, attribute: &pg_sys::FormData_pg_attribute) -> bool {
+        let may_be_null = !attribute.attnotnull && !attribute.atthasdef;
+        match self {
+            Column::Id => attribute.atttypid == pg_sys::UUIDOID,
+            Column::EventType | Column::AggregateId => attribute.atttypid == pg_sys::TEXTOID,
+            Column::Payload => attribute.atttypid == pg_sys::JSONBOID,
+            Column::CreatedAt => attribute.atttypid == pg_sys::TIMESTAMPTZOID,
+            Column::PublishAttempts => attribute.atttypid == pg_sys::INT4OID,
+            Column::Seq => attribute.atttypid == pg_sys::INT8OID,
+            Column::Topic => attribute.atttypid == pg_sys::TEXTOID && may_be_null,
+            Column::Headers => attribute.atttypid == pg_sys::JSONBOID && may_be_null,
+            Column::StartsNull => may_be_null,
+            Column::Dropped => true,
+        }
+    }
 }
 
 /// What the direct path needs to know about the table, read once per backend and forgotten
@@ -132,8 +152,11 @@ struct EnteredIndex {
 }
 
 thread_local! {
-    static LAYOUT: RefCell<Option<Layout>> = const { RefCell::new(None) };
+    static LAYOUT: RefCell<Option<Rc<Layout>>> = const { RefCell::new(None) };
     static INVALIDATION_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// Relcache invalidations this backend has processed, of any relation. A layout read while
+    /// this moved may predate the invalidation that would have cleared it, so it is not kept.
+    static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Relcache invalidation callback: forgets the layout when the events table or one of its
@@ -141,6 +164,7 @@ thread_local! {
 /// processes invalidation messages; it must not touch the catalogs, so it only clears a cache.
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_layout(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    INVALIDATIONS.set(INVALIDATIONS.get().wrapping_add(1));
     LAYOUT.with(|layout| {
         let mut layout = layout.borrow_mut();
         let affected = layout
@@ -156,7 +180,7 @@ unsafe extern "C-unwind" fn forget_layout(_arg: pg_sys::Datum, relid: pg_sys::Oi
 struct EventsTable {
     rel: pg_sys::Relation,
     /// None when the table has a column emit() does not know, or no identity sequence.
-    layout: Option<Layout>,
+    layout: Option<Rc<Layout>>,
 }
 
 impl EventsTable {
@@ -176,9 +200,15 @@ impl EventsTable {
         // Locking processes pending invalidations, so a stale cached layout is forgotten here.
         let rel = unsafe { pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32) };
         let layout = LAYOUT.with(|layout| layout.borrow().clone()).or_else(|| {
+            let before = INVALIDATIONS.get();
             // SAFETY: `rel` is open and locked, so its descriptor and index list are valid.
-            let layout = unsafe { read_layout(rel) };
-            LAYOUT.with(|cell| *cell.borrow_mut() = layout.clone());
+            let layout = unsafe { read_layout(rel) }.map(Rc::new);
+            // Opening the indexes may have processed invalidations (an index becoming ready
+            // for inserts, say) after parts of the layout were read: use it for this insert,
+            // which the table lock keeps consistent, but read it again next time.
+            if INVALIDATIONS.get() == before {
+                LAYOUT.with(|cell| *cell.borrow_mut() = layout.clone());
+            }
             layout
         });
         EventsTable { rel, layout }
@@ -191,6 +221,8 @@ impl EventsTable {
             let class = &*(*self.rel).rd_rel;
             let constraints = (*(*self.rel).rd_att).constr;
             class.relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
+                && class.relam == pg_sys::HEAP_TABLE_AM_OID
+                && !class.relispartition
                 && !class.relhasrules
                 && !class.relrowsecurity
                 && (*self.rel).trigdesc.is_null()
@@ -235,6 +267,9 @@ unsafe fn read_layout(rel: pg_sys::Relation) -> Option<Layout> {
         } else {
             Column::named(pgrx::name_data_to_str(&attribute.attname))?
         };
+        if !column.fits(attribute) {
+            return None;
+        }
         if column == Column::Seq {
             seq_attnum = Some(attribute.attnum);
         }
@@ -659,7 +694,7 @@ mod tests {
     fn the_shipped_table_takes_the_direct_path() {
         let table = super::EventsTable::current();
         let plain = table.is_plain();
-        let entered = match &table.layout {
+        let entered = match table.layout.as_deref() {
             Some(super::Layout {
                 indexing: super::Indexing::Entered(indexes),
                 ..
@@ -748,6 +783,37 @@ mod tests {
              FROM outbox.events WHERE id = '{dropped}'"
         )));
         assert!(indexes_are_consistent());
+    }
+
+    #[pg_test]
+    fn columns_changed_by_hand_are_written_through_sql() {
+        Spi::run(
+            "ALTER TABLE outbox.events ALTER COLUMN error SET DEFAULT 'none yet';
+             ALTER EXTENSION outbox_pg DROP VIEW outbox.status;
+             ALTER EXTENSION outbox_pg DROP VIEW outbox.dead_letters;
+             DROP VIEW outbox.status, outbox.dead_letters;
+             ALTER TABLE outbox.events ALTER COLUMN publish_attempts TYPE bigint;",
+        )
+        .unwrap();
+        let id = emit("a");
+        assert!(holds(&format!(
+            "SELECT error = 'none yet' AND publish_attempts = 0 FROM outbox.events WHERE id = '{id}'"
+        )));
+        Spi::run(
+            "DELETE FROM outbox.events;
+             ALTER TABLE outbox.events ALTER COLUMN topic SET NOT NULL;",
+        )
+        .unwrap();
+        Spi::run(
+            "CREATE FUNCTION pg_temp.refused() RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN PERFORM outbox.emit('t', 'a', '{}'); RETURN false;
+             EXCEPTION WHEN not_null_violation THEN RETURN true; END $$",
+        )
+        .unwrap();
+        assert!(
+            holds("SELECT pg_temp.refused()"),
+            "NOT NULL on topic is enforced"
+        );
     }
 
     #[pg_test]

@@ -56,8 +56,12 @@ impl Store {
     /// is nearly empty and would keep a sequential scan that costs more with every row (the
     /// batch UPDATE joined by scanning the whole table once per batch, and the worker fell
     /// behind at 5,000 events/s). So this session never plans a sequential scan it can avoid.
+    /// That makes the one unavoidable one (the single-row `outbox.control`) look enormously
+    /// expensive, which would JIT-compile it on every round: the worker's statements are all
+    /// small, so JIT is off in this session.
     pub fn prepare() -> SpiResult<Self> {
         Spi::run("SET enable_seqscan = off")?;
+        Spi::run("SET jit = off")?;
         Spi::connect(|client| {
             Ok(Store {
                 paused: prepare(client, "SELECT paused FROM outbox.control", &[], false)?,
