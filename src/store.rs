@@ -51,16 +51,9 @@ pub struct RetryPolicy {
 impl Store {
     /// Prepares every statement. Call inside a transaction, with the extension installed.
     ///
-    /// Every statement here is an index walk, and is planned once and kept. Right after a burst
-    /// of emits, before autovacuum has analysed the table, the planner still believes the table
-    /// is nearly empty and would keep a sequential scan that costs more with every row (the
-    /// batch UPDATE joined by scanning the whole table once per batch, and the worker fell
-    /// behind at 5,000 events/s). So this session never plans a sequential scan it can avoid.
-    /// That makes the one unavoidable one (the single-row `outbox.control`) look enormously
-    /// expensive, which would JIT-compile it on every round: the worker's statements are all
-    /// small, so JIT is off in this session.
+    /// The statements are planned once and kept; JIT is off in this session because they are
+    /// all small, and compiling would cost more than running them.
     pub fn prepare() -> SpiResult<Self> {
-        Spi::run("SET enable_seqscan = off")?;
         Spi::run("SET jit = off")?;
         Spi::connect(|client| {
             Ok(Store {
@@ -212,6 +205,12 @@ impl Store {
             }
         }
         Spi::connect_mut(|client| {
+            // The batch UPDATEs join the ids to the table through the primary key. Their plan is
+            // kept; made right after a burst on a table never analysed, the planner believes
+            // the table is nearly empty and picks a sequential scan per batch, which costs more
+            // with every row (the worker fell behind at 5,000 events/s). For these statements
+            // only, a sequential scan is never the plan.
+            client.update("SET LOCAL enable_seqscan = off", None, &[])?;
             let mut counts = (0, 0);
             if !published.0.is_empty() {
                 let args: [DatumWithOid; 3] =
