@@ -444,14 +444,13 @@ unsafe fn fresh_row_satisfies(
 ///
 /// SAFETY: inside a transaction; `table` is open and locked and `layout` describes it.
 unsafe fn insert_directly(table: &EventsTable, layout: &Layout, row: &EventRow) {
-    let text = |s: &str| s.into_datum().expect("text is never NULL");
     let mut values = vec![pg_sys::Datum::from(0); layout.columns.len()];
     let mut nulls = vec![true; layout.columns.len()];
     for (i, column) in layout.columns.iter().enumerate() {
         let value = match column {
-            Column::Id => pgrx::Uuid::from_bytes(*row.id.as_bytes()).into_datum(),
-            Column::EventType => Some(text(row.event_type)),
-            Column::AggregateId => Some(text(row.aggregate_id)),
+            Column::Id => Some(uuid_datum(row.id)),
+            Column::EventType => Some(text_datum(row.event_type)),
+            Column::AggregateId => Some(text_datum(row.aggregate_id)),
             Column::Payload => Some(row.payload),
             // The default of created_at is now(): the transaction's start.
             // SAFETY: inside a transaction.
@@ -460,7 +459,7 @@ unsafe fn insert_directly(table: &EventsTable, layout: &Layout, row: &EventRow) 
             }
             Column::PublishAttempts => 0i32.into_datum(),
             Column::Seq => Some(next_seq(layout.seq_relid)),
-            Column::Topic => row.topic.map(text),
+            Column::Topic => row.topic.map(text_datum),
             Column::Headers => row.headers,
             Column::StartsNull | Column::Dropped => None,
         };
@@ -576,6 +575,16 @@ unsafe fn insert_with_executor(rel: pg_sys::Relation, values: &[pg_sys::Datum], 
     }
 }
 
+fn text_datum(text: &str) -> pg_sys::Datum {
+    text.into_datum().expect("text is never NULL")
+}
+
+fn uuid_datum(id: uuid::Uuid) -> pg_sys::Datum {
+    pgrx::Uuid::from_bytes(*id.as_bytes())
+        .into_datum()
+        .expect("a uuid is never NULL")
+}
+
 /// `nextval()` of the identity sequence, as the column default would call it.
 fn next_seq(seq_relid: pg_sys::Oid) -> pg_sys::Datum {
     // SAFETY: nextval_oid takes a regclass oid and returns an int8 datum; it raises on error.
@@ -596,17 +605,14 @@ thread_local! {
 /// The general path: a prepared INSERT through SPI, which fires triggers, checks constraints
 /// and applies every column default.
 fn insert_through_spi(row: &EventRow) {
-    let text = |s: &str| s.into_datum().expect("text is never NULL");
     let absent = pg_sys::Datum::from(0);
     let mut values = [
-        pgrx::Uuid::from_bytes(*row.id.as_bytes())
-            .into_datum()
-            .expect("a uuid is never NULL"),
-        text(row.event_type),
-        text(row.aggregate_id),
+        uuid_datum(row.id),
+        text_datum(row.event_type),
+        text_datum(row.aggregate_id),
         row.payload,
         row.headers.unwrap_or(absent),
-        row.topic.map(text).unwrap_or(absent),
+        row.topic.map(text_datum).unwrap_or(absent),
     ];
     let null = |absent: bool| if absent { b'n' } else { b' ' } as std::ffi::c_char;
     let nulls = [

@@ -296,25 +296,33 @@ pub fn emit_at_rate(
             std::thread::spawn(move || {
                 let interval = Duration::from_secs_f64(1.0 / per_session);
                 let offset = interval.mul_f64(session as f64 / connections as f64);
-                let mut n: u64 = 0;
-                loop {
-                    let due = start + offset + interval.mul_f64(n as f64);
-                    if due >= start + duration {
-                        break;
-                    }
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
+                on_schedule(start + offset, interval, start + duration, |n| {
                     let aggregate = ((n * connections as u64 + session as u64) % 1000).to_string();
                     let id: String = db.query_one(&statement, &[&aggregate]).unwrap().get(0);
                     clock.committed.lock().unwrap().insert(id, Instant::now());
-                    n += 1;
-                }
+                });
             })
         })
         .collect();
     for t in threads {
         t.join().unwrap();
+    }
+}
+
+/// Calls `step(n)` at `first + n * interval` until `end` (open loop: a late step is followed at
+/// once by the ones that are due, the schedule does not slow down).
+fn on_schedule(first: Instant, interval: Duration, end: Instant, mut step: impl FnMut(u64)) {
+    let mut n: u64 = 0;
+    loop {
+        let due = first + interval.mul_f64(n as f64);
+        if due >= end {
+            break;
+        }
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        step(n);
+        n += 1;
     }
 }
 
@@ -369,15 +377,7 @@ pub fn produce_at_rate(
     use rdkafka::producer::{BaseRecord, Producer};
     let start = Instant::now() + Duration::from_millis(200);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let mut n: u64 = 0;
-    loop {
-        let due = start + interval.mul_f64(n as f64);
-        if due >= start + duration {
-            break;
-        }
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
+    on_schedule(start, interval, start + duration, |n| {
         let id = format!("{id_prefix}-{n}");
         let key = (n % 1000).to_string();
         let headers = OwnedHeaders::new().insert(Header {
@@ -398,7 +398,6 @@ pub fn produce_at_rate(
             )
             .map_err(|(e, _)| e)
             .expect("enqueue");
-        n += 1;
-    }
+    });
     producer.flush(Duration::from_secs(30)).expect("flush");
 }

@@ -62,15 +62,20 @@ impl PgCluster {
     }
 
     /// A cluster publishing database `postgres` to `brokers`, polling every 200 ms (tests should
-    /// not wait long for what a commit does not announce), with `extra` settings and the
-    /// extension created.
-    pub fn with_outbox(brokers: &str, extra: &[(&str, &str)]) -> Self {
+    /// not wait long for what a commit does not announce), with `extra` settings. The extension
+    /// is not created yet.
+    pub fn publishing_to(brokers: &str, extra: &[(&str, &str)]) -> Self {
         let mut settings = vec![
             ("outbox.brokers", brokers),
             ("outbox.poll_interval", "200ms"),
         ];
         settings.extend_from_slice(extra);
-        let cluster = PgCluster::start(&settings);
+        PgCluster::start(&settings)
+    }
+
+    /// `publishing_to`, with the extension created.
+    pub fn with_outbox(brokers: &str, extra: &[(&str, &str)]) -> Self {
+        let cluster = PgCluster::publishing_to(brokers, extra);
         cluster
             .connect()
             .batch_execute("CREATE EXTENSION outbox_pg")
@@ -78,7 +83,6 @@ impl PgCluster {
         cluster
     }
 
-    /// A streaming-replication standby of this cluster (pg_basebackup -R), started.
     pub fn start_standby(&self) -> PgCluster {
         let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/tmp/outbox_pg_e2e/{}-{n}", std::process::id()));

@@ -501,10 +501,7 @@ fn fingerprint(db: &mut postgres::Client) -> String {
 fn every_bad_input_gets_a_clear_error_and_changes_nothing() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &tansu.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute("CREATE EXTENSION outbox_pg; SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 20) g;")
         .unwrap();

@@ -47,10 +47,7 @@ fn topic_prefix_and_kafka_properties_apply_to_every_message() {
 fn reloads_rebuild_the_producer_and_bad_properties_keep_the_previous_one() {
     let first = Tansu::start();
     first.create_topic("t", 1);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &first.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&first.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute("CREATE EXTENSION outbox_pg; SELECT outbox.emit('t', 1, '{}');")
         .unwrap();
@@ -99,10 +96,7 @@ fn reloads_rebuild_the_producer_and_bad_properties_keep_the_previous_one() {
 fn unparseable_settings_are_refused_at_reload() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &tansu.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute("CREATE EXTENSION outbox_pg").unwrap();
     let cases = [

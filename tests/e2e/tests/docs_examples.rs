@@ -35,10 +35,7 @@ fn run(command: &mut Command) -> String {
 fn emit_examples_in_every_language_publish_their_events() {
     let tansu = Tansu::start();
     tansu.create_topic("order.created", 3);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &tansu.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute(
         "CREATE EXTENSION outbox_pg;

@@ -361,10 +361,7 @@ fn sasl_is_negotiated_with_the_broker() {
 fn upgrading_from_0_1_0_publishes_what_was_pending() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &tansu.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute("CREATE EXTENSION outbox_pg VERSION '0.1.0'")
         .unwrap();

@@ -23,10 +23,7 @@ fn wakeups(db: &mut postgres::Client) -> i64 {
 fn commits_wake_the_worker_and_rollbacks_do_not() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &tansu.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute("CREATE EXTENSION outbox_pg").unwrap();
     assert!(wait_until(TIMEOUT, || state(&mut db) == "idle"));
@@ -91,10 +88,7 @@ fn commits_wake_the_worker_and_rollbacks_do_not() {
 fn status_shows_state_backlog_throughput_and_broker_errors() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &tansu.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute("CREATE EXTENSION outbox_pg").unwrap();
     assert!(wait_until(TIMEOUT, || state(&mut db) == "idle"));
@@ -158,10 +152,7 @@ fn status_shows_state_backlog_throughput_and_broker_errors() {
 fn pause_holds_events_across_restarts_until_resume() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &tansu.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute("CREATE EXTENSION outbox_pg; SELECT outbox.pause();")
         .unwrap();
@@ -273,10 +264,7 @@ fn dead_events_are_listed_and_can_be_revived() {
 fn databases_are_added_and_removed_with_a_reload() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &tansu.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&tansu.bootstrap(), &[]);
     let mut admin = cluster.connect();
     admin.batch_execute("CREATE DATABASE shop").unwrap();
     admin.batch_execute("CREATE DATABASE billing").unwrap();

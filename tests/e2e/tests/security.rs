@@ -98,10 +98,7 @@ fn roles_emit_by_default_and_need_grants_for_everything_else() {
 fn look_alike_objects_cannot_hijack_functions_with_elevated_rights() {
     let tansu = Tansu::start();
     tansu.create_topic("t", 1);
-    let cluster = PgCluster::start(&[
-        ("outbox.brokers", &tansu.bootstrap()),
-        ("outbox.poll_interval", "200ms"),
-    ]);
+    let cluster = PgCluster::publishing_to(&tansu.bootstrap(), &[]);
     let mut admin = cluster.connect();
     admin
         .batch_execute(
