@@ -62,7 +62,7 @@ done
 psql_demo -c "SELECT seq, event_type, aggregate_id, published_at IS NOT NULL AS published, kafka_partition, kafka_offset FROM outbox.events ORDER BY seq"
 
 echo "==> messages on Kafka topic order.created"
-cargo run -q --release -p outbox_pg_e2e --bin outbox-consume -- "127.0.0.1:$KAFKA_PORT" order.created
+cargo run -q --release -p outbox_pg_harness --bin outbox-consume -- "127.0.0.1:$KAFKA_PORT" order.created
 
 echo "==> SELECT * FROM outbox.status"
 psql_demo -x -c "SELECT * FROM outbox.status"

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outbox_pg_e2e::{PgCluster, Tansu, TopicReader};
+use outbox_pg_harness::{PgCluster, Tansu, TopicReader};
 
 /// A sibling binary of this one (mock-broker, baseline-relay).
 fn sibling(name: &str) -> PathBuf {

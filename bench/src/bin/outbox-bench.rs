@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_pg_bench::*;
-use outbox_pg_e2e::{count_events, wait_until, PgCluster};
+use outbox_pg_harness::{count_events, wait_until, PgCluster};
 
 struct Options {
     quick: bool,
@@ -123,9 +123,10 @@ fn drain(options: &Options) -> String {
         cluster.set("outbox.database", "postgres");
         // BENCH_PERF=1: profile the worker while it drains (perf record -g), for the closing notes.
         let _profile = std::env::var_os("BENCH_PERF").map(|_| {
-            let pid =
-                outbox_pg_e2e::wait_for(Duration::from_secs(10), || cluster.worker_pid("postgres"))
-                    .unwrap();
+            let pid = outbox_pg_harness::wait_for(Duration::from_secs(10), || {
+                cluster.worker_pid("postgres")
+            })
+            .unwrap();
             std::process::Command::new("perf")
                 .args([
                     "record",

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use outbox_pg_e2e::*;
+use outbox_pg_harness::*;
 
 struct Case {
     what: &'static str,

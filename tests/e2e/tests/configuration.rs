@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use outbox_pg_e2e::*;
+use outbox_pg_harness::*;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 

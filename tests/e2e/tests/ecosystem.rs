@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use outbox_pg_e2e::*;
+use outbox_pg_harness::*;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_pg_e2e::*;
+use outbox_pg_harness::*;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 const TIMEOUT: Duration = Duration::from_secs(60);

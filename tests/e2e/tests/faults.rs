@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use outbox_pg_e2e::stream::{table_ids, Audit, LiveConsumer, Stream, StreamSpec};
-use outbox_pg_e2e::*;
+use outbox_pg_harness::stream::{table_ids, Audit, LiveConsumer, Stream, StreamSpec};
+use outbox_pg_harness::*;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 const DRAIN: Duration = Duration::from_secs(180);
@@ -40,7 +40,7 @@ fn fault_cluster(brokers: &str, extra: &[(&str, &str)]) -> PgCluster {
 fn audit(
     cluster: &PgCluster,
     consumer: LiveConsumer,
-    log: &outbox_pg_e2e::stream::StreamLog,
+    log: &outbox_pg_harness::stream::StreamLog,
 ) -> Audit {
     let mut db = cluster.connect();
     assert!(

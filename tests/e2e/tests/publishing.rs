@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use outbox_pg_e2e::*;
+use outbox_pg_harness::*;
 
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -1,14 +1,30 @@
 //! Pure checks and parsers for user input and setting values. No Postgres, no Kafka calls here,
 //! so every rule is testable on its own and shared by emit(), the GUC check hooks and the worker.
 
+use crate::envelope;
+
 /// Kafka's limit on topic name length.
 pub const MAX_TOPIC_LEN: usize = 249;
 
-/// Header names outbox_pg sets on every message; user headers may not reuse them.
-pub const RESERVED_HEADERS: [&str; 4] = ["outbox-id", "event-type", "aggregate-id", "created-at"];
+/// Longest accepted `event_type`, in bytes: it travels in every message's headers.
+pub const MAX_EVENT_TYPE_BYTES: usize = 255;
+/// Longest accepted `aggregate_id`, in bytes: it is the Kafka key and is indexed while parked.
+pub const MAX_AGGREGATE_ID_BYTES: usize = 1024;
 
-/// A topic name Kafka accepts: 1..=249 characters from `[a-zA-Z0-9._-]`, and not `.` or `..`.
+/// A topic name Kafka accepts (1..=249 characters from `[a-zA-Z0-9._-]`, not `.` or `..`) and
+/// that is not one of Kafka's internal topics (`__consumer_offsets`, `__transaction_state`, ...).
 pub fn topic_name(name: &str) -> Result<(), String> {
+    topic_syntax(name)?;
+    if name.starts_with("__") {
+        return Err(format!(
+            "topic name \"{name}\" starts with \"__\", which Kafka reserves for its internal topics"
+        ));
+    }
+    Ok(())
+}
+
+/// The characters and length Kafka accepts in a topic name.
+fn topic_syntax(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("topic name is empty".into());
     }
@@ -43,6 +59,58 @@ pub fn topic_prefix(prefix: &str) -> Result<(), String> {
     }
 }
 
+/// `outbox.allowed_topics`: the full topic names (after `outbox.topic_prefix`) emit() may target.
+/// Comma-separated; a name ending in `*` allows every topic that starts with what precedes it,
+/// and `*` alone allows every topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedTopics {
+    patterns: Vec<TopicPattern>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TopicPattern {
+    Exactly(String),
+    StartingWith(String),
+}
+
+impl AllowedTopics {
+    pub fn parse(text: &str) -> Result<AllowedTopics, String> {
+        let mut patterns = Vec::new();
+        for item in text.split(',').map(str::trim) {
+            if item.is_empty() {
+                return Err("the list contains an empty entry".into());
+            }
+            let pattern = match item.strip_suffix('*') {
+                Some(prefix) => {
+                    if !prefix.is_empty() {
+                        topic_syntax(prefix)?;
+                    }
+                    TopicPattern::StartingWith(prefix.to_string())
+                }
+                None => {
+                    if item.contains('*') {
+                        return Err(format!(
+                            "\"{}\": a * is allowed only at the end of a name",
+                            item.escape_default()
+                        ));
+                    }
+                    topic_syntax(item)?;
+                    TopicPattern::Exactly(item.to_string())
+                }
+            };
+            patterns.push(pattern);
+        }
+        Ok(AllowedTopics { patterns })
+    }
+
+    pub fn allows(&self, topic: &str) -> bool {
+        self.patterns.iter().any(|pattern| match pattern {
+            TopicPattern::Exactly(name) => name == topic,
+            TopicPattern::StartingWith(prefix) => topic.starts_with(prefix.as_str()),
+        })
+    }
+}
+
 /// `outbox.message_format`: `raw` or `cloudevents`.
 pub fn message_format(format: &str) -> Result<(), String> {
     match format {
@@ -54,18 +122,32 @@ pub fn message_format(format: &str) -> Result<(), String> {
     }
 }
 
-/// A user header name: non-empty and not one of the headers outbox_pg sets itself.
+/// A user header name: non-empty and not a header outbox_pg may set itself in any message format
+/// (compared without regard to case).
 pub fn header_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("header name is empty".into());
     }
-    if RESERVED_HEADERS.contains(&name) {
+    if envelope::is_reserved(name) {
         return Err(format!(
-            "header \"{name}\" is set by outbox_pg and cannot be overridden"
+            "header \"{}\" is set by outbox_pg and cannot be overridden",
+            name.escape_default()
         ));
     }
     Ok(())
 }
+
+/// librdkafka properties that load code into the server process or run a command. Setting them
+/// would turn the right to change `outbox.kafka_config` into the right to run anything as the
+/// database server, so they are refused whatever their value.
+const CODE_LOADING_PROPERTIES: [&str; 6] = [
+    "plugin.library.paths",
+    "interceptors",
+    "ssl.engine.location",
+    "ssl.engine.id",
+    "ssl.providers",
+    "sasl.kerberos.kinit.cmd",
+];
 
 /// A W3C trace-context `traceparent`: `version-traceid-parentid-flags` in lowercase hex, version
 /// not `ff`, trace and parent ids not all zero.
@@ -126,6 +208,11 @@ pub fn kafka_properties(text: &str) -> Result<Vec<(String, String)>, String> {
         if key == "bootstrap.servers" || key == "metadata.broker.list" {
             return Err(format!(
                 "set the brokers with outbox.brokers, not with {key}"
+            ));
+        }
+        if CODE_LOADING_PROPERTIES.contains(&key) || key.ends_with("_cb") {
+            return Err(format!(
+                "property \"{key}\" loads code or runs a command in the database server and is not allowed"
             ));
         }
         pairs.push((key.to_string(), value.trim().to_string()));
@@ -286,9 +373,59 @@ mod tests {
     }
 
     #[test]
-    fn reserved_headers_are_refused() {
+    fn reserved_headers_are_refused_in_every_format() {
         assert!(header_name("trace").is_ok());
-        assert!(header_name("outbox-id").is_err());
-        assert!(header_name("").is_err());
+        assert!(header_name("traceparent").is_ok());
+        for reserved in [
+            "outbox-id",
+            "OUTBOX-ID",
+            "ce_id",
+            "ce_source",
+            "content-type",
+            "",
+        ] {
+            assert!(header_name(reserved).is_err(), "{reserved}");
+        }
+    }
+
+    #[test]
+    fn kafka_internal_topics_are_refused() {
+        for name in ["__consumer_offsets", "__transaction_state", "__x"] {
+            assert!(topic_name(name).is_err(), "{name}");
+        }
+        assert!(topic_name("_private").is_ok());
+        assert!(topic_name("a__b").is_ok());
+    }
+
+    #[test]
+    fn allowed_topics_match_names_and_prefixes() {
+        let every = AllowedTopics::parse("*").unwrap();
+        assert!(every.allows("anything") && every.allows("x"));
+        let some = AllowedTopics::parse("orders, billing.*").unwrap();
+        assert!(some.allows("orders"));
+        assert!(!some.allows("orders2"));
+        assert!(some.allows("billing.invoice") && some.allows("billing."));
+        assert!(!some.allows("billing") && !some.allows("shipping"));
+        for bad in ["", "a,,b", "a*b", "bad topic", "*x"] {
+            assert!(AllowedTopics::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn code_loading_kafka_properties_are_refused_without_echoing_values() {
+        for key in [
+            "plugin.library.paths",
+            "ssl.engine.location",
+            "ssl.providers",
+            "sasl.kerberos.kinit.cmd",
+            "dr_msg_cb",
+        ] {
+            let error = kafka_properties(&format!("{key}=/tmp/secret-value.so")).unwrap_err();
+            assert!(
+                error.contains(key) && !error.contains("secret-value"),
+                "{error}"
+            );
+        }
+        assert!(kafka_properties("ssl.ca.location=/etc/ssl/ca.pem").is_ok());
     }
 }

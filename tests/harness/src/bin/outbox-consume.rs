@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use outbox_pg_e2e::TopicReader;
+use outbox_pg_harness::TopicReader;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,0 +1,714 @@
+//! The Kafka producer: configuration, sending events, delivery reports as plain data, and topic
+//! checks.
+//!
+//! Nothing here calls Postgres. librdkafka's threads, the producer's polling thread and the topic
+//! helper threads only push [`Report`]s or results into channels and write a byte to a pipe
+//! whose read end the worker waits on next to its latch ([`Publisher::wake_fd`]).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::bindings::{rd_kafka_message_status, rd_kafka_msg_status_t};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
+use rdkafka::ClientContext;
+
+use crate::envelope::{self, MessageFormat};
+use crate::event::{Event, Outcome};
+
+/// Everything that shapes the producer; a change means building a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducerSettings {
+    pub brokers: String,
+    /// `outbox.kafka_config`, applied after our defaults so users can override them.
+    pub properties: Vec<(String, String)>,
+    /// `outbox.max_message_size`: the producer accepts messages this large (plus framing).
+    pub max_message_bytes: i32,
+}
+
+/// Room for record framing on top of the largest accepted message.
+const MESSAGE_FRAMING_BYTES: i32 = 64 * 1024;
+
+/// Producer defaults.
+/// - Idempotence: librdkafka's retries neither reorder nor duplicate.
+/// - The gapless guarantee and one request in flight per broker: when the broker refuses a
+///   batch, no later message of its partition is ever stored; the producer stops instead (a
+///   fatal error), and the worker sends the rest again with a new producer.
+/// - No message timeout: the worker decides when to give up (`outbox.delivery_timeout`), so a
+///   message is never abandoned by librdkafka behind the worker's back.
+/// - `linger.ms` trades a millisecond of latency for batching under load.
+const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("enable.gapless.guarantee", "true"),
+    ("max.in.flight.requests.per.connection", "1"),
+    ("acks", "all"),
+    ("message.timeout.ms", "0"),
+    ("linger.ms", "1"),
+    ("queue.buffering.max.messages", "1000000"),
+    ("reconnect.backoff.max.ms", "2000"),
+    ("client.id", "outbox_pg"),
+];
+
+/// What the producer tells the worker.
+#[derive(Debug)]
+pub enum Report {
+    /// The outcome for the message sent with this index (see [`Publisher::send`]).
+    Delivered { index: usize, outcome: Outcome },
+    /// A client-level error (broker down, authentication, fatal idempotence state).
+    ClientError { fatal: bool, message: String },
+    /// A librdkafka log line at warning level or above.
+    Log { message: String },
+}
+
+/// Why `send` did not hand a message over.
+#[derive(Debug)]
+pub enum NotSent {
+    /// librdkafka's queue is full: wait for reports, then send again.
+    QueueFull,
+    /// Refused on the spot; this is the event's outcome.
+    Refused(Outcome),
+}
+
+pub struct Publisher {
+    /// The configuration the producer was built from; admin clients reuse it (security settings).
+    config: ClientConfig,
+    producer: ThreadedProducer<Reporter>,
+    reports: Receiver<Report>,
+    wake: Arc<WakePipe>,
+    settings: ProducerSettings,
+    /// Topics the broker confirmed to exist.
+    known_topics: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Topics to create when they are missing (`outbox.auto_create_topics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicCreation {
+    pub partitions: i32,
+    /// -1: the broker's default.
+    pub replication: i32,
+}
+
+/// What [`Publisher::ensure_topics`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicReadiness {
+    /// Per topic: ready, or why events cannot go there.
+    Known(HashMap<String, Result<(), String>>),
+    /// The broker did not answer; sending is still right (the messages wait for it).
+    NoAnswer(String),
+}
+
+impl Publisher {
+    /// Builds a producer. Fails with librdkafka's message for an unknown or invalid property.
+    pub fn new(settings: ProducerSettings) -> Result<Self, String> {
+        let mut config = ClientConfig::new();
+        for (key, value) in DEFAULT_PROPERTIES {
+            config.set(*key, *value);
+        }
+        config.set("bootstrap.servers", &settings.brokers);
+        config.set(
+            "message.max.bytes",
+            settings
+                .max_message_bytes
+                .saturating_add(MESSAGE_FRAMING_BYTES)
+                .to_string(),
+        );
+        for (key, value) in &settings.properties {
+            config.set(key, value);
+        }
+        config.set_log_level(RDKafkaLogLevel::Warning);
+
+        let wake = Arc::new(WakePipe::new()?);
+        let (sender, reports) = crossbeam_channel::unbounded();
+        let reporter = Reporter {
+            sender,
+            wake: wake.clone(),
+        };
+        let producer = with_signals_blocked(|| {
+            config.create_with_context::<_, ThreadedProducer<Reporter>>(reporter)
+        })
+        .map_err(|e| describe(&e))?;
+        Ok(Self {
+            config,
+            producer,
+            reports,
+            wake,
+            settings,
+            known_topics: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    pub fn settings(&self) -> &ProducerSettings {
+        &self.settings
+    }
+
+    pub fn reports(&self) -> &Receiver<Report> {
+        &self.reports
+    }
+
+    /// A descriptor that becomes readable when a report or a topic answer arrives after
+    /// [`Publisher::arm_wakeup`]. The worker waits on it next to its latch.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.read_fd
+    }
+
+    /// Asks for a byte on [`Publisher::wake_fd`] at the next report; call before checking the
+    /// channel and waiting. Drains bytes left from earlier wake-ups.
+    pub fn arm_wakeup(&self) {
+        self.wake.drain();
+        self.wake.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Hands one event to librdkafka for `topic` (the event's topic with the prefix applied).
+    /// Its outcome arrives as a [`Report::Delivered`] carrying `index`.
+    pub fn send(
+        &self,
+        index: usize,
+        event: &Event,
+        topic: &str,
+        format: &MessageFormat,
+    ) -> Result<(), NotSent> {
+        let mut id = uuid::Uuid::encode_buffer();
+        let id = event.id.hyphenated().encode_lower(&mut id);
+        let created_at = event.created_at.rfc3339();
+        let all = envelope::headers(event, id, &created_at, format);
+        let mut headers = OwnedHeaders::new_with_capacity(all.len());
+        for (key, value) in all {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let record = BaseRecord::with_opaque_to(topic, index)
+            .key(event.aggregate_id.as_bytes())
+            .payload(event.payload.as_bytes())
+            .headers(headers);
+        match self.producer.send(record) {
+            Ok(()) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(NotSent::QueueFull)
+            }
+            Err((error, _)) => Err(NotSent::Refused(outcome_of_error(&error, false))),
+        }
+    }
+
+    /// Messages handed over and not yet reported.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+
+    /// Withdraws everything queued or in flight: each such message is reported `Undelivered`.
+    pub fn withdraw_all(&self) {
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+    }
+
+    /// The producer's fatal error, if it hit one: it cannot send any more.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code} ({code:?}): {reason}"))
+    }
+
+    /// The topics among `topics` the broker has not confirmed yet.
+    pub fn unconfirmed(&self, topics: impl IntoIterator<Item = String>) -> Vec<String> {
+        let known = self.known_topics.lock().expect("not poisoned");
+        let mut unknown: Vec<String> = topics.into_iter().filter(|t| !known.contains(t)).collect();
+        unknown.sort();
+        unknown.dedup();
+        unknown
+    }
+
+    /// Makes sure `topics` exist, on a helper thread: one metadata request for all of them;
+    /// with `creation`, missing ones are created and waited for until the broker lists them.
+    /// Confirmed topics are remembered. An event for a missing topic would otherwise wait in
+    /// librdkafka for `topic.metadata.propagation.max.ms` and hold up its batch.
+    pub fn ensure_topics(
+        &self,
+        topics: Vec<String>,
+        creation: Option<TopicCreation>,
+        timeout: Duration,
+    ) -> Pending<TopicReadiness> {
+        let producer = self.producer.clone();
+        let config = self.config.clone();
+        let known = self.known_topics.clone();
+        self.on_helper_thread(move || {
+            let deadline = Instant::now() + timeout;
+            let mut states = match look_up(&producer, &topics, timeout) {
+                Ok(states) => states,
+                Err(error) => return TopicReadiness::NoAnswer(error),
+            };
+            if let Some(creation) = creation {
+                let missing: Vec<String> = states
+                    .iter()
+                    .filter(|(_, state)| state.is_err())
+                    .map(|(topic, _)| topic.clone())
+                    .collect();
+                if !missing.is_empty() {
+                    let created = create(&config, &missing, creation, timeout);
+                    // Created topics take a moment to appear in metadata.
+                    loop {
+                        if let Ok(now) = look_up(&producer, &missing, timeout) {
+                            for (topic, state) in now {
+                                states.insert(topic, state);
+                            }
+                        }
+                        let waiting = missing.iter().any(|t| {
+                            states[t].is_err() && created.get(t).is_some_and(|c| c.is_ok())
+                        });
+                        if !waiting || Instant::now() >= deadline {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    for topic in &missing {
+                        if let (Err(_), Some(Err(why))) = (&states[topic], created.get(topic)) {
+                            states.insert(
+                                topic.clone(),
+                                Err(format!("topic \"{topic}\" does not exist and could not be created: {why}")),
+                            );
+                        } else if states[topic].is_err() {
+                            states.insert(
+                                topic.clone(),
+                                Err(format!("topic \"{topic}\" was created but is not visible yet")),
+                            );
+                        }
+                    }
+                }
+            }
+            let mut known = known.lock().expect("not poisoned");
+            for (topic, state) in &states {
+                if state.is_ok() {
+                    known.insert(topic.clone());
+                }
+            }
+            TopicReadiness::Known(states)
+        })
+    }
+
+    /// Runs `work` on a thread with Postgres signals blocked; wakes the worker when it is done.
+    fn on_helper_thread<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Pending<T> {
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        let wake = self.wake.clone();
+        with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("outbox_pg topics".into())
+                .spawn(move || {
+                    let _ = sender.send(work());
+                    wake.notify();
+                })
+                .expect("spawn a helper thread")
+        });
+        Pending { receiver }
+    }
+}
+
+/// Which of `topics` the broker lists; Err if it did not answer.
+fn look_up(
+    producer: &ThreadedProducer<Reporter>,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<HashMap<String, Result<(), String>>, String> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(None, timeout)
+        .map_err(|e| describe(&e))?;
+    let listed: HashMap<&str, _> = metadata.topics().iter().map(|t| (t.name(), t)).collect();
+    Ok(topics
+        .iter()
+        .map(|topic| {
+            let state = match listed.get(topic.as_str()) {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+                Some(t) => Err(format!(
+                    "topic \"{topic}\" does not exist: {}",
+                    match t.error() {
+                        Some(code) => RDKafkaErrorCode::from(code).to_string(),
+                        None => "it has no partitions".to_string(),
+                    }
+                )),
+                None => Err(format!(
+                    "topic \"{topic}\" does not exist: the broker does not list it"
+                )),
+            };
+            (topic.clone(), state)
+        })
+        .collect())
+}
+
+/// Creates `topics` (CreateTopics); an existing topic counts as created.
+fn create(
+    config: &ClientConfig,
+    topics: &[String],
+    creation: TopicCreation,
+    timeout: Duration,
+) -> HashMap<String, Result<(), String>> {
+    let failed_all = |why: String| {
+        topics
+            .iter()
+            .map(|t| (t.clone(), Err(why.clone())))
+            .collect()
+    };
+    let admin: AdminClient<DefaultClientContext> = match config.create() {
+        Ok(admin) => admin,
+        Err(e) => return failed_all(describe(&e)),
+    };
+    let new_topics: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                creation.partitions,
+                TopicReplication::Fixed(creation.replication),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    let created = match block_on(admin.create_topics(&new_topics, &options), timeout * 2) {
+        None => return failed_all("the broker did not answer CreateTopics in time".into()),
+        Some(Err(e)) => return failed_all(describe(&e)),
+        Some(Ok(results)) => results,
+    };
+    let mut answers: HashMap<String, Result<(), String>> = created
+        .into_iter()
+        .map(|result| match result {
+            Ok(topic) | Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => (topic, Ok(())),
+            Err((topic, code)) => (topic, Err(format!("{code} ({code:?})"))),
+        })
+        .collect();
+    for topic in topics {
+        answers
+            .entry(topic.clone())
+            .or_insert_with(|| Err("the broker returned no result for it".into()));
+    }
+    answers
+}
+
+/// The answer to a request running on a helper thread.
+pub struct Pending<T> {
+    receiver: Receiver<T>,
+}
+
+impl<T> Pending<T> {
+    /// The answer, once it is there.
+    pub fn try_take(&self) -> Option<T> {
+        self.receiver.try_recv().ok()
+    }
+}
+
+/// Errors that do not belong to the event (our own withdrawal, a producer that stopped, a
+/// timeout, a neighbour's bad record) or whose message may be stored: sent again, never counted
+/// as a failed attempt. Every other refusal is the event's.
+fn outcome_of_error(error: &KafkaError, possibly_persisted: bool) -> Outcome {
+    let message = describe(error);
+    let not_the_events_fault = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::PurgeQueue
+                | RDKafkaErrorCode::PurgeInflight
+                | RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::GaplessGuarantee
+                | RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::InvalidDifferentRecord
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+        )
+    );
+    if possibly_persisted || not_the_events_fault {
+        Outcome::Undelivered { error: message }
+    } else {
+        Outcome::Refused { error: message }
+    }
+}
+
+fn describe(error: &KafkaError) -> String {
+    match error.rdkafka_error_code() {
+        Some(code) => format!("{code} ({code:?})"),
+        None => error.to_string(),
+    }
+}
+
+/// A pipe the producer's threads write a byte to, so the worker's `WaitLatchOrSocket` returns.
+struct WakePipe {
+    read_fd: RawFd,
+    write_fd: RawFd,
+    /// Set by the worker before it waits; a writer clears it and writes one byte.
+    armed: AtomicBool,
+}
+
+impl WakePipe {
+    fn new() -> Result<Self, String> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(format!(
+                "cannot create a pipe: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(WakePipe {
+            read_fd: fds[0],
+            write_fd: fds[1],
+            armed: AtomicBool::new(false),
+        })
+    }
+
+    /// Any thread: wake the worker if it asked to be woken.
+    fn notify(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            // SAFETY: a one-byte write to our own non-blocking pipe; a full pipe already wakes.
+            unsafe { libc::write(self.write_fd, [1u8].as_ptr().cast(), 1) };
+        }
+    }
+
+    /// The worker's thread: empty the pipe.
+    fn drain(&self) {
+        let mut buffer = [0u8; 64];
+        // SAFETY: reads into a local buffer from our own non-blocking pipe until it is empty.
+        while unsafe { libc::read(self.read_fd, buffer.as_mut_ptr().cast(), buffer.len()) } > 0 {}
+    }
+}
+
+impl Drop for WakePipe {
+    fn drop(&mut self) {
+        // SAFETY: closing the two descriptors this pipe owns, once.
+        unsafe {
+            libc::close(self.read_fd);
+            libc::close(self.write_fd);
+        }
+    }
+}
+
+/// librdkafka's callbacks. Runs on librdkafka's threads and the polling thread: it may only
+/// send plain data to the channel and wake the worker.
+struct Reporter {
+    sender: Sender<Report>,
+    wake: Arc<WakePipe>,
+}
+
+impl Reporter {
+    fn report(&self, report: Report) {
+        let _ = self.sender.send(report);
+        self.wake.notify();
+    }
+}
+
+impl ClientContext for Reporter {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            self.report(Report::Log {
+                message: format!("{facility}: {message}"),
+            });
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let fatal = error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
+        self.report(Report::ClientError {
+            fatal,
+            message: format!("{}: {reason}", describe(&error)),
+        });
+    }
+}
+
+impl ProducerContext for Reporter {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
+        let outcome = match result {
+            Ok(message) => Outcome::Published {
+                partition: message.partition(),
+                offset: message.offset(),
+            },
+            Err((error, message)) => {
+                // SAFETY: the message pointer is valid for the duration of this callback.
+                let status = unsafe { rd_kafka_message_status(message.ptr()) };
+                let possibly_persisted =
+                    status == rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_POSSIBLY_PERSISTED;
+                outcome_of_error(error, possibly_persisted)
+            }
+        };
+        self.report(Report::Delivered { index, outcome });
+    }
+}
+
+/// Polls `future` on this thread until it completes or `timeout` passes. librdkafka's admin
+/// client completes its futures from its own thread, which wakes this one.
+fn block_on<F: Future>(future: F, timeout: Duration) -> Option<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut context = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return Some(output);
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        std::thread::park_timeout(left);
+    }
+}
+
+/// Runs `f` with every signal blocked in this thread, so threads it spawns (the producer's
+/// polling thread, helper threads) inherit a full mask and Postgres' signal handlers only ever
+/// run on the main thread. librdkafka masks its own threads the same way.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigfillset/pthread_sigmask only touch the local sets and this thread's mask, which
+    // is restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
+        let result = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Timestamp;
+    use rdkafka::mocking::MockCluster;
+
+    fn event(seq: i64) -> Event {
+        Event {
+            id: uuid::Uuid::now_v7(),
+            seq,
+            event_type: "t".into(),
+            aggregate_id: "a".into(),
+            payload: "{}".into(),
+            headers: vec![],
+            topic: "t".into(),
+            created_at: Timestamp(0),
+            attempts: 0,
+            message_bytes: 0,
+        }
+    }
+
+    fn wait_for_delivery(publisher: &Publisher) -> (usize, Outcome) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Report::Delivered { index, outcome }) =
+                publisher.reports().recv_timeout(Duration::from_millis(100))
+            {
+                return (index, outcome);
+            }
+        }
+        panic!("no delivery report");
+    }
+
+    #[test]
+    fn messages_are_delivered_and_reported_with_their_index() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let publisher = Publisher::new(ProducerSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties: vec![],
+            max_message_bytes: 1_000_000,
+        })
+        .unwrap();
+        publisher
+            .send(7, &event(1), "t", &MessageFormat::Raw)
+            .unwrap();
+        let (index, outcome) = wait_for_delivery(&publisher);
+        assert_eq!(index, 7);
+        assert!(outcome.is_published(), "{outcome:?}");
+    }
+
+    #[test]
+    fn a_broker_refusal_stops_the_producer_and_later_messages_are_undelivered() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let publisher = Publisher::new(ProducerSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties: vec![("linger.ms".into(), "50".into())],
+            max_message_bytes: 1_000_000,
+        })
+        .unwrap();
+        // Deliver one so the producer is connected, then refuse the next produce request.
+        publisher
+            .send(0, &event(1), "t", &MessageFormat::Raw)
+            .unwrap();
+        assert!(wait_for_delivery(&publisher).1.is_published());
+        cluster.request_errors(
+            rdkafka::types::RDKafkaApiKey::Produce,
+            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+        );
+        publisher
+            .send(1, &event(2), "t", &MessageFormat::Raw)
+            .unwrap();
+        let (index, outcome) = wait_for_delivery(&publisher);
+        assert_eq!(index, 1);
+        assert!(matches!(outcome, Outcome::Refused { .. }), "{outcome:?}");
+        // The gapless guarantee makes the refusal fatal: nothing later is sent.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while publisher.fatal_error().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(publisher.fatal_error().is_some());
+        match publisher.send(2, &event(3), "t", &MessageFormat::Raw) {
+            Err(NotSent::Refused(Outcome::Undelivered { .. })) => {}
+            other => panic!("a stopped producer must not take messages: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn topics_are_confirmed_or_found_missing_in_one_request() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("here", 1, 1).unwrap();
+        let publisher = Publisher::new(ProducerSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties: vec![("allow.auto.create.topics".into(), "false".into())],
+            max_message_bytes: 1_000_000,
+        })
+        .unwrap();
+        let answer = |pending: Pending<TopicReadiness>| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(answer) = pending.try_take() {
+                    break answer;
+                }
+                assert!(Instant::now() < deadline, "no topic answer");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let topics = publisher.unconfirmed(["here".to_string(), "not-here".to_string()]);
+        let TopicReadiness::Known(states) =
+            answer(publisher.ensure_topics(topics, None, Duration::from_secs(5)))
+        else {
+            panic!("the mock cluster answers")
+        };
+        assert_eq!(states["here"], Ok(()));
+        assert!(states["not-here"].is_err());
+        assert_eq!(
+            publisher.unconfirmed(["here".to_string()]),
+            Vec::<String>::new()
+        );
+        // Creation is tested against Tansu (tests/e2e): the mock cluster has no CreateTopics.
+    }
+}

@@ -1,0 +1,77 @@
+//! Harness for outbox_pg's end-to-end tests and benchmarks: real PostgreSQL clusters with the
+//! extension preloaded, real Kafka-protocol brokers, real consumers. Nothing is mocked on the
+//! Postgres side; the only "mock" is librdkafka's mock cluster, a real broker over TCP.
+
+pub mod broker;
+pub mod cluster;
+pub mod consumer;
+pub mod stream;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+pub use broker::{mock_cluster, MockCluster, Tansu, TlsProxy};
+pub use cluster::PgCluster;
+pub use consumer::{Received, TopicReader};
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    wait_for(timeout, || condition().then_some(())).is_some()
+}
+
+/// Polls `probe` every 50 ms until it returns a value or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The first column of every row `sql` returns, collected into `C` (a Vec, a HashSet, ...).
+pub fn column<T: postgres::types::FromSqlOwned, C: FromIterator<T>>(
+    client: &mut postgres::Client,
+    sql: &str,
+) -> C {
+    client
+        .query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Counts rows of outbox.events matching a SQL condition.
+pub fn count_events(client: &mut postgres::Client, condition: &str) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM outbox.events WHERE {condition}"),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until no committed event is left unpublished (dead events excepted).
+pub fn wait_until_published(client: &mut postgres::Client, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        count_events(
+            client,
+            "published_at IS NULL AND (publish_attempts = 0 OR next_attempt_at IS NOT NULL)",
+        ) == 0
+    })
+}
