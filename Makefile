@@ -19,7 +19,7 @@ deps:
 # Release build of the extension into the server's lib and extension directories.
 install: deps
 	cargo pgrx install --release --pg-config $(PG_CONFIG) $(if $(SUDO),--sudo)
-	$(SUDO) cp sql/outbox_pg--*.sql $$($(PG_CONFIG) --sharedir)/extension/
+	$(SUDO) cp sql/released/*.sql sql/upgrades/*.sql $$($(PG_CONFIG) --sharedir)/extension/
 
 lint:
 	cargo fmt --all --check

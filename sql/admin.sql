@@ -1,78 +1,157 @@
--- outbox_pg operator API: status, dead letters, retries, pausing.
--- Admin functions are for superusers and roles they GRANT EXECUTE to; the views are readable by
--- pg_monitor members. search_path is pinned on every SECURITY DEFINER function.
+-- outbox_pg operator API: status, pending and dead events, receipts, retries, pausing.
+-- Admin functions are for superusers and roles they GRANT EXECUTE to; outbox.status is readable
+-- by pg_monitor members. search_path is pinned on every function.
+
+-- The worker's position: the newest receipt row (see outbox.batches).
+CREATE FUNCTION outbox.position()
+    RETURNS TABLE (below pg_snapshot, upto pg_snapshot, range_last_seq bigint,
+                   range_after_seq bigint, range_after_id uuid,
+                   late_after_seq bigint, late_after_id uuid)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT below, upto, range_last_seq, range_after_seq, range_after_id, late_after_seq, late_after_id
+    FROM outbox.batches ORDER BY id DESC LIMIT 1
+$$;
+
+-- Events not yet published and not dead: queued (committed, not reached yet), retrying, or
+-- waiting behind an earlier event of their topic and key. Every part is an index range over
+-- what is still to come, never over published history.
+CREATE VIEW outbox.pending AS
+WITH position AS (SELECT * FROM outbox.position()),
+queued AS (
+    -- The current window: new transactions, not walked yet...
+    SELECT e.* FROM position g, outbox.events e
+    WHERE g.upto IS NOT NULL
+      AND e.xid >= pg_snapshot_xmax(g.below) AND e.xid < pg_snapshot_xmax(g.upto)
+      AND pg_visible_in_snapshot(e.xid, g.upto)
+      AND (g.range_after_seq IS NULL OR (e.seq, e.id) > (g.range_after_seq, g.range_after_id))
+    UNION ALL
+    -- ...transactions that were running at its start, not walked yet...
+    SELECT e.* FROM position g, outbox.events e
+    WHERE g.upto IS NOT NULL
+      AND e.xid IN (SELECT pg_snapshot_xip(g.below)) AND pg_visible_in_snapshot(e.xid, g.upto)
+      AND (g.late_after_seq IS NULL OR (e.seq, e.id) > (g.late_after_seq, g.late_after_id))
+    UNION ALL
+    -- ...and everything committed after it.
+    SELECT e.* FROM position g, outbox.events e,
+           LATERAL (SELECT coalesce(g.upto, g.below) AS last) w
+    WHERE e.xid >= pg_snapshot_xmax(w.last)
+    UNION ALL
+    SELECT e.* FROM position g, outbox.events e,
+           LATERAL (SELECT coalesce(g.upto, g.below) AS last) w
+    WHERE e.xid IN (SELECT pg_snapshot_xip(w.last))
+)
+SELECT q.id, q.seq, q.event_type, q.aggregate_id, coalesce(q.topic, q.event_type) AS topic,
+       q.created_at, 'queued'::text AS state, 0 AS attempts,
+       NULL::timestamptz AS next_attempt_at, NULL::text AS error
+FROM queued q
+WHERE NOT EXISTS (SELECT 1 FROM outbox.parked p WHERE p.event_id = q.id)
+UNION ALL
+SELECT e.id, e.seq, e.event_type, e.aggregate_id, p.topic, e.created_at, p.state, p.attempts,
+       p.next_attempt_at, p.error
+FROM outbox.parked p JOIN outbox.events e ON e.id = p.event_id
+WHERE p.state <> 'dead';
+
+COMMENT ON VIEW outbox.pending IS
+    'Events not yet published: queued, retrying, or waiting behind an earlier event of their topic and key.';
+
+-- Events that failed outbox.max_attempts times and are no longer retried.
+CREATE VIEW outbox.dead_letters AS
+SELECT e.id, e.seq, e.event_type, e.aggregate_id, p.topic, e.payload, e.headers,
+       e.created_at, p.attempts AS publish_attempts, p.error, p.parked_at AS died_at
+FROM outbox.parked p JOIN outbox.events e ON e.id = p.event_id
+WHERE p.state = 'dead';
+
+COMMENT ON VIEW outbox.dead_letters IS
+    'Dead events: revive with outbox.retry(id) or outbox.retry_dead(), or give up with outbox.discard(id).';
+
+-- Where the broker stored each published event (as long as outbox.retention keeps it).
+CREATE VIEW outbox.deliveries AS
+SELECT d.event_id, b.recorded_at AS published_at, d.kafka_partition, d.kafka_offset, b.id AS batch
+FROM outbox.batches b,
+     unnest(b.event_ids, b.partitions, b.offsets) AS d(event_id, kafka_partition, kafka_offset);
+
+COMMENT ON VIEW outbox.deliveries IS 'One row per published event: when, and at which partition and offset.';
 
 -- One row for this database: its worker as seen in shared memory, and the outbox's backlog.
--- Cheap enough to scrape every few seconds: the counts use the small partial indexes.
 CREATE VIEW outbox.status AS
 SELECT current_database()::text                                   AS database,
        w.worker_pid,
        w.state,
        p.pending,
        now() - p.oldest_created_at                                AS oldest_pending_age,
-       (SELECT count(*) FROM outbox.events
-         WHERE published_at IS NULL AND publish_attempts > 0
-           AND next_attempt_at IS NULL)                           AS dead,
+       (SELECT count(*) FROM outbox.parked WHERE state = 'dead')  AS dead,
        w.published_last_minute,
        to_timestamp(w.last_published_us / 1e6)                    AS last_published_at,
        w.last_error,
        to_timestamp(w.last_error_us / 1e6)                        AS last_error_at,
        w.broker_connected,
-       w.wakeups
+       w.wakeups,
+       EXISTS (SELECT 1 FROM pg_subscription_rel r
+               WHERE r.srrelid = 'outbox.events'::regclass)       AS replicated_here
 FROM outbox.worker_state() w,
-     LATERAL (
-       SELECT (SELECT count(*) FROM outbox.events
-                WHERE published_at IS NULL AND publish_attempts = 0)
-            + (SELECT count(*) FROM outbox.events
-                WHERE published_at IS NULL AND next_attempt_at IS NOT NULL) AS pending,
-              least((SELECT created_at FROM outbox.events
-                      WHERE published_at IS NULL AND publish_attempts = 0
-                      ORDER BY seq LIMIT 1),
-                    (SELECT min(created_at) FROM outbox.events
-                      WHERE published_at IS NULL AND next_attempt_at IS NOT NULL)) AS oldest_created_at
-     ) p;
+     LATERAL (SELECT count(*) AS pending, min(created_at) AS oldest_created_at
+              FROM outbox.pending) p;
 
 COMMENT ON VIEW outbox.status IS
-    'This database''s outbox worker: state, backlog, dead events, throughput, last error, broker connectivity.';
+    'This database''s outbox worker: state, backlog, dead events, throughput, last error, broker connectivity, and whether outbox.events arrives by logical replication.';
 
--- Events that failed outbox.max_attempts times and are no longer retried.
-CREATE VIEW outbox.dead_letters AS
-SELECT id, seq, event_type, aggregate_id, coalesce(topic, event_type) AS topic, payload, headers,
-       created_at, publish_attempts, error
-FROM outbox.events
-WHERE published_at IS NULL AND publish_attempts > 0 AND next_attempt_at IS NULL;
+-- Events a dump must carry: everything not yet published, dead events included.
+CREATE VIEW outbox.unsent AS
+SELECT id FROM outbox.pending
+UNION ALL
+SELECT event_id FROM outbox.parked WHERE state = 'dead';
 
-COMMENT ON VIEW outbox.dead_letters IS 'Dead events: revive with outbox.retry(id) or outbox.retry_dead().';
+-- Makes sure the first event of each topic and key of `event_ids` that holds the key back is
+-- the one being retried (after the one before it was published, discarded or died).
+CREATE FUNCTION outbox.advance_keys(event_ids uuid[]) RETURNS void
+    LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    UPDATE outbox.parked p SET state = 'retrying', next_attempt_at = clock_timestamp()
+    FROM (SELECT DISTINCT ON (q.topic, q.aggregate_id) q.event_id, q.state
+          FROM (SELECT DISTINCT coalesce(e.topic, e.event_type) AS topic, e.aggregate_id
+                FROM outbox.events e WHERE e.id = ANY (advance_keys.event_ids)) k
+          JOIN outbox.parked q ON q.topic = k.topic AND q.aggregate_id = k.aggregate_id
+          WHERE q.state <> 'dead' OR current_setting('outbox.dead_events') = 'hold'
+          ORDER BY q.topic, q.aggregate_id, q.seq) head
+    WHERE p.event_id = head.event_id AND head.state = 'waiting';
+END;
 
--- Revive one event: a dead one starts over as a new event; a retrying one is retried now.
+-- Retry one event now. A dead event starts over (after any earlier event of its topic and key
+-- still held); a retrying one is retried at once. False for an event that is on its way.
 CREATE FUNCTION outbox.retry(event_id uuid) RETURNS boolean
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    found_event record;
+    found_state text;
 BEGIN
     IF event_id IS NULL THEN
         RAISE EXCEPTION 'outbox.retry: event_id must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    SELECT published_at, publish_attempts INTO found_event
-    FROM outbox.events WHERE id = event_id FOR UPDATE;
+    SELECT p.state INTO found_state FROM outbox.parked p WHERE p.event_id = retry.event_id FOR UPDATE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'outbox.retry: no event with id %', event_id
-            USING ERRCODE = 'no_data_found', HINT = 'Dead events are listed in outbox.dead_letters.';
+        IF NOT EXISTS (SELECT 1 FROM outbox.events e WHERE e.id = retry.event_id) THEN
+            RAISE EXCEPTION 'outbox.retry: no event with id %', event_id
+                USING ERRCODE = 'no_data_found', HINT = 'Dead events are listed in outbox.dead_letters.';
+        END IF;
+        IF EXISTS (SELECT 1 FROM outbox.pending q WHERE q.id = retry.event_id) THEN
+            RETURN false;  -- queued: it is on its way
+        END IF;
+        RAISE EXCEPTION 'outbox.retry: event % was already published or discarded', event_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'outbox.deliveries shows where the broker stored it.';
     END IF;
-    IF found_event.published_at IS NOT NULL THEN
-        RAISE EXCEPTION 'outbox.retry: event % was already published at %', event_id, found_event.published_at
-            USING ERRCODE = 'object_not_in_prerequisite_state';
+    IF found_state = 'waiting' THEN
+        RETURN false;      -- it goes right after the event ahead of it
+    ELSIF found_state = 'retrying' THEN
+        UPDATE outbox.parked p SET next_attempt_at = clock_timestamp() WHERE p.event_id = retry.event_id;
+    ELSE
+        UPDATE outbox.parked p SET state = 'waiting', attempts = 0, next_attempt_at = NULL
+         WHERE p.event_id = retry.event_id;
+        PERFORM outbox.advance_keys(ARRAY[event_id]);
     END IF;
-    IF found_event.publish_attempts = 0 THEN
-        RETURN false;  -- never failed: it is already on its way
-    END IF;
-    UPDATE outbox.events
-       SET publish_attempts = CASE WHEN next_attempt_at IS NULL THEN 0 ELSE publish_attempts END,
-           next_attempt_at  = CASE WHEN next_attempt_at IS NULL THEN NULL ELSE now() END
-     WHERE id = event_id;
     PERFORM outbox.wake();
     RETURN true;
 END
@@ -84,13 +163,38 @@ CREATE FUNCTION outbox.retry_dead() RETURNS bigint
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    revived bigint;
+    revived uuid[];
 BEGIN
-    UPDATE outbox.events SET publish_attempts = 0
-     WHERE published_at IS NULL AND publish_attempts > 0 AND next_attempt_at IS NULL;
-    GET DIAGNOSTICS revived = ROW_COUNT;
+    WITH dead AS (
+        UPDATE outbox.parked SET state = 'waiting', attempts = 0, next_attempt_at = NULL
+         WHERE state = 'dead' RETURNING event_id)
+    SELECT coalesce(array_agg(event_id), '{}') INTO revived FROM dead;
+    PERFORM outbox.advance_keys(revived);
     PERFORM outbox.wake();
-    RETURN revived;
+    RETURN cardinality(revived);
+END
+$$;
+
+-- Give up on a dead or retrying event: it is never published, and the events of its topic and
+-- key that waited behind it go on. The event row stays until outbox.retention removes it.
+CREATE FUNCTION outbox.discard(event_id uuid) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF event_id IS NULL THEN
+        RAISE EXCEPTION 'outbox.discard: event_id must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    DELETE FROM outbox.parked p WHERE p.event_id = discard.event_id AND p.state IN ('dead', 'retrying');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'outbox.discard: event % is not dead or retrying', event_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'outbox.dead_letters and outbox.pending list the events that can be discarded.';
+    END IF;
+    RAISE LOG 'outbox_pg: event % discarded by %', event_id, session_user;
+    PERFORM outbox.advance_keys(ARRAY[event_id]);
+    PERFORM outbox.wake();
 END
 $$;
 
@@ -99,7 +203,7 @@ CREATE FUNCTION outbox.pause() RETURNS void
     LANGUAGE sql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    UPDATE outbox.control SET paused = true, paused_at = now(), paused_by = session_user;
+    INSERT INTO outbox.control (singleton) VALUES (true) ON CONFLICT (singleton) DO NOTHING;
     SELECT outbox.wake();
 END;
 
@@ -107,12 +211,22 @@ CREATE FUNCTION outbox.resume() RETURNS void
     LANGUAGE sql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    UPDATE outbox.control SET paused = false, paused_at = NULL, paused_by = NULL;
+    DELETE FROM outbox.control;
     SELECT outbox.wake();
 END;
 
-REVOKE ALL ON FUNCTION outbox.retry(uuid), outbox.retry_dead(), outbox.pause(), outbox.resume(),
-                       outbox.wake(), outbox.worker_state() FROM PUBLIC;
-REVOKE ALL ON outbox.status, outbox.dead_letters FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox.retry(uuid), outbox.retry_dead(), outbox.discard(uuid),
+                       outbox.pause(), outbox.resume(), outbox.wake(), outbox.worker_state(),
+                       outbox.position(), outbox.advance_keys(uuid[]) FROM PUBLIC;
+REVOKE ALL ON outbox.status, outbox.pending, outbox.dead_letters, outbox.deliveries, outbox.unsent
+    FROM PUBLIC;
 GRANT SELECT ON outbox.status TO pg_monitor;
-GRANT EXECUTE ON FUNCTION outbox.worker_state() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION outbox.worker_state(), outbox.position() TO pg_monitor;
+
+-- What pg_dump carries: the events not yet published (dead ones included), parked state, the
+-- inbox, the pause flag and the sequence position. Published history and receipts are not
+-- dumped; a restored database publishes what was unsent.
+SELECT pg_catalog.pg_extension_config_dump('outbox.events', 'WHERE id IN (SELECT u.id FROM outbox.unsent u)');
+SELECT pg_catalog.pg_extension_config_dump('outbox.parked', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.control', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.events_seq_seq', '');

@@ -1,9 +1,14 @@
 -- outbox_pg inbox: consumer-side de-duplication for consumers that also use Postgres.
 -- Call outbox.consume_once(consumer, event_id) in the transaction that applies a message: it is
 -- true the first time that consumer sees the event id, false for every duplicate.
+--
+-- A consumer is a role: only members of role `consumer` (and superusers) may record what it
+-- consumed, so no other role can make it skip an event. Create one role per consumer and grant
+-- it to the login role the consumer connects as:
+--   CREATE ROLE billing NOLOGIN; GRANT billing TO billing_service;
 
 CREATE TABLE outbox.inbox (
-    consumer     text        NOT NULL,
+    consumer     text        NOT NULL,   -- the consumer's role
     event_id     uuid        NOT NULL,   -- the message's outbox-id header
     consumed_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer, event_id)
@@ -14,6 +19,7 @@ COMMENT ON TABLE outbox.inbox IS 'Event ids each consumer has applied: outbox.co
 
 -- True the first time `consumer` consumes `event_id` (committed with the caller's transaction);
 -- false for a duplicate. A concurrent transaction consuming the same id waits for this one.
+-- The session's login role (session_user) must be a member of role `consumer`.
 CREATE FUNCTION outbox.consume_once(consumer text, event_id uuid) RETURNS boolean
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -27,7 +33,18 @@ BEGIN
     IF consumer = '' THEN
         RAISE EXCEPTION 'outbox.consume_once: consumer must not be empty'
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Name the consumer, e.g. its Kafka consumer group.';
+                  HINT = 'Name the consumer''s role.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = consumer) THEN
+        RAISE EXCEPTION 'outbox.consume_once: consumer "%" is not a role', consumer
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'A consumer is a role: CREATE ROLE ... NOLOGIN, then GRANT it to the role the consumer logs in as.';
+    END IF;
+    IF NOT pg_has_role(session_user, consumer, 'MEMBER') THEN
+        RAISE EXCEPTION 'outbox.consume_once: role "%" may not record what consumer "%" consumed',
+                        session_user, consumer
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('GRANT %I TO %I;', consumer, session_user);
     END IF;
     INSERT INTO outbox.inbox (consumer, event_id) VALUES (consumer, event_id)
         ON CONFLICT DO NOTHING;
@@ -55,3 +72,5 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION outbox.purge_inbox(interval) FROM PUBLIC;
+
+SELECT pg_catalog.pg_extension_config_dump('outbox.inbox', '');

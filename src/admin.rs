@@ -3,7 +3,7 @@
 
 use pgrx::prelude::*;
 
-use crate::shared::{self, Connectivity};
+use crate::shmem::{self, Connectivity};
 
 /// One row describing this database's worker, read from shared memory. Timestamps are Unix
 /// microseconds; `outbox.status` turns them into timestamptz.
@@ -24,7 +24,7 @@ fn worker_state() -> TableIterator<
 > {
     // SAFETY: MyDatabaseId is set for the whole life of a connected backend.
     let database = unsafe { pgrx::pg_sys::MyDatabaseId };
-    let row = match shared::slot_for(database) {
+    let row = match shmem::slot_for(database) {
         None => (
             None,
             "not configured".to_string(),

@@ -3,21 +3,20 @@
 //! The extension owns the table, so emit() writes the row the way Postgres writes catalog rows:
 //! form the tuple, `heap_insert` it, insert its index entries. That skips what a one-row INSERT
 //! costs through SPI and the executor (plan revalidation, a fresh snapshot, executor start and
-//! end, every index opened and every partial-index predicate compiled on each call), which was
-//! most of emit()'s own time.
+//! end), which was most of emit()'s own time.
 //!
 //! The direct path is taken only while the table is exactly what our SQL scripts created: a plain
-//! table with the columns below and no triggers, rules, CHECK constraints or generated columns.
-//! Anything else (a trigger someone added, a column from a newer script this library does not
-//! know) falls back to a prepared INSERT through SPI, which honours all of it.
+//! heap table with the columns below (types, typmods, NOT NULL and defaults as shipped), no rules,
+//! row security, CHECK constraints or generated columns, and no trigger but our own `stamp`
+//! (whose work the direct path does itself). Each index must be a plain, immediate btree on
+//! columns with their default operator classes; any other index (an expression, a predicate,
+//! another access method) is maintained by the executor's general routine. Anything else falls
+//! back to a prepared INSERT through SPI, which honours all of it. So does a session with an
+//! audit hook loaded (pgaudit, sepgsql), unless `outbox.direct_insert = on`.
 //!
-//! A fresh row always starts with the same values in the columns the worker changes later
-//! (`published_at`, `publish_attempts`, `next_attempt_at`, ...), and the partial indexes select
-//! rows by those columns. So which indexes a fresh row enters is decided once per table layout,
-//! by evaluating each predicate on a fresh row; each emit() then opens and inserts into just
-//! those (the primary key and `events_pending`). An index that does not fit that model (not a
-//! btree, an expression, a predicate on the row's own values, a deferrable or exclusion
-//! constraint) sends index maintenance through the executor's general routine instead.
+//! Wherever user code can run (the executor's index maintenance, the SPI INSERT and whatever it
+//! fires), the search path is pinned to `pg_catalog, pg_temp`: emit() runs with its owner's
+//! rights, and the caller controls their own search path.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
@@ -26,52 +25,77 @@ use std::rc::Rc;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::error::Refusal;
+use crate::guc::{self, DirectInsert};
+
 /// One event row as emit() writes it; every other column takes its default.
-pub struct EventRow<'a> {
+/// Text columns are datums in the database's encoding, as the caller passed them.
+pub struct EventRow {
     pub id: uuid::Uuid,
-    pub event_type: &'a str,
-    pub aggregate_id: &'a str,
-    /// The caller's jsonb datum, stored as given (no detoast, no re-serialisation).
+    pub event_type: pg_sys::Datum,
+    pub aggregate_id: pg_sys::Datum,
+    /// The caller's jsonb datum, stored as given (no re-serialisation).
     pub payload: pg_sys::Datum,
     pub headers: Option<pg_sys::Datum>,
-    pub topic: Option<&'a str>,
+    pub topic: Option<pg_sys::Datum>,
+    /// The writing transaction (top level); None: arrived by replication, not published here.
+    pub xid: Option<u64>,
+    pub message_bytes: i32,
 }
 
 /// Writes `row` into `outbox.events` in the current transaction.
 pub fn append(row: &EventRow) {
     let table = EventsTable::current();
+    let direct = match guc::direct_insert() {
+        DirectInsert::On => true,
+        DirectInsert::Off => false,
+        // SAFETY: reading a hook pointer; audit extensions set it in _PG_init.
+        DirectInsert::Auto => unsafe { (*&raw const pg_sys::ExecutorCheckPerms_hook).is_none() },
+    };
     match table.layout {
-        Some(ref layout) if table.is_plain() => unsafe {
+        Some(ref layout) if direct && table.is_plain(layout) => unsafe {
             // SAFETY: called from emit() inside a transaction; `table` was just looked up and
             // locked, and `layout` was read from this relation's current descriptor and indexes.
             insert_directly(&table, layout, row)
         },
         _ => {
             table.close();
-            insert_through_spi(row);
+            with_pinned_search_path(|| insert_through_spi(row));
         }
     }
 }
 
-/// The columns emit() fills or defaults, by name. A column not listed here sends emit() to the
-/// SPI path, whose INSERT applies that column's default.
-#[derive(Clone, Copy, PartialEq)]
+/// The columns emit() fills or defaults, by name. A table with a column not listed here, or
+/// without one of these, goes through the SPI path.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Column {
     Id,
     EventType,
     AggregateId,
     Payload,
     CreatedAt,
-    /// Starts at 0 in every fresh row.
-    PublishAttempts,
     Seq,
     Topic,
     Headers,
-    /// Columns that start NULL: published_at, error, next_attempt_at, kafka_partition, kafka_offset.
-    StartsNull,
+    Xid,
+    MessageBytes,
     /// A column dropped by an upgrade script; its slot in the tuple stays NULL.
     Dropped,
 }
+
+/// Every column the shipped table has.
+const SHIPPED: [Column; 10] = [
+    Column::Id,
+    Column::EventType,
+    Column::AggregateId,
+    Column::Payload,
+    Column::CreatedAt,
+    Column::Seq,
+    Column::Topic,
+    Column::Headers,
+    Column::Xid,
+    Column::MessageBytes,
+];
 
 impl Column {
     fn named(name: &str) -> Option<Column> {
@@ -81,46 +105,89 @@ impl Column {
             "aggregate_id" => Column::AggregateId,
             "payload" => Column::Payload,
             "created_at" => Column::CreatedAt,
-            "publish_attempts" => Column::PublishAttempts,
             "seq" => Column::Seq,
             "topic" => Column::Topic,
             "headers" => Column::Headers,
-            "published_at" | "error" | "next_attempt_at" | "kafka_partition" | "kafka_offset" => {
-                Column::StartsNull
-            }
+            "xid" => Column::Xid,
+            "message_bytes" => Column::MessageBytes,
             _ => return None,
         })
     }
 
-    /// True for the columns whose value is the same in every fresh row.
-    fn same_in_every_fresh_row(self) -> bool {
-        matches!(self, Column::PublishAttempts | Column::StartsNull)
-    }
-
-    /// True if the attribute is what the direct path writes into this column: the type of the
-    /// datum it forms, and for a column it may leave NULL, no NOT NULL and no default that the
-    /// SQL INSERT would have applied.
-    fn fits(self, attribute: &pg_sys::FormData_pg_attribute) -> bool {
-        let may_be_null = !attribute.attnotnull && !attribute.atthasdef;
+    /// The type, NOT NULL and default the shipped table gives this column.
+    fn shipped(self) -> (pg_sys::Oid, bool, Default) {
         match self {
-            Column::Id => attribute.atttypid == pg_sys::UUIDOID,
-            Column::EventType | Column::AggregateId => attribute.atttypid == pg_sys::TEXTOID,
-            Column::Payload => attribute.atttypid == pg_sys::JSONBOID,
-            Column::CreatedAt => attribute.atttypid == pg_sys::TIMESTAMPTZOID,
-            Column::PublishAttempts => attribute.atttypid == pg_sys::INT4OID,
-            Column::Seq => attribute.atttypid == pg_sys::INT8OID,
-            Column::Topic => attribute.atttypid == pg_sys::TEXTOID && may_be_null,
-            Column::Headers => attribute.atttypid == pg_sys::JSONBOID && may_be_null,
-            Column::StartsNull => may_be_null,
-            Column::Dropped => true,
+            Column::Id => (pg_sys::UUIDOID, true, Default::None),
+            Column::EventType | Column::AggregateId => (pg_sys::TEXTOID, true, Default::None),
+            Column::Payload => (pg_sys::JSONBOID, true, Default::None),
+            Column::CreatedAt => (pg_sys::TIMESTAMPTZOID, true, Default::Now),
+            Column::Seq => (pg_sys::INT8OID, true, Default::Identity),
+            Column::Topic => (pg_sys::TEXTOID, false, Default::None),
+            Column::Headers => (pg_sys::JSONBOID, false, Default::None),
+            Column::Xid => (pg_sys::XID8OID, false, Default::None),
+            Column::MessageBytes => (pg_sys::INT4OID, false, Default::None),
+            Column::Dropped => (pg_sys::InvalidOid, false, Default::None),
         }
+    }
+}
+
+/// A column's default as the direct path reproduces it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Default {
+    None,
+    /// `now()`: the transaction's start.
+    Now,
+    /// `GENERATED ALWAYS AS IDENTITY`: the identity sequence's next value.
+    Identity,
+}
+
+/// True if the attribute is exactly what the shipped table has for `column`.
+///
+/// SAFETY: `rel` is open and locked and `attribute` is one of its attributes.
+unsafe fn as_shipped(
+    rel: pg_sys::Relation,
+    attribute: &pg_sys::FormData_pg_attribute,
+    column: Column,
+) -> bool {
+    if column == Column::Dropped {
+        return true;
+    }
+    let (type_oid, not_null, default) = column.shipped();
+    let shape = attribute.atttypid == type_oid
+        && attribute.atttypmod == -1
+        && attribute.attnotnull == not_null
+        && attribute.attgenerated == 0;
+    let identity = attribute.attidentity == pg_sys::ATTRIBUTE_IDENTITY_ALWAYS as std::ffi::c_char;
+    shape
+        && match default {
+            Default::None => !attribute.atthasdef && attribute.attidentity == 0,
+            Default::Identity => identity && !attribute.atthasdef,
+            // SAFETY: per the contract; the default expression is read from the relation.
+            Default::Now => attribute.attidentity == 0 && unsafe { default_is_now(rel, attribute) },
+        }
+}
+
+/// True if the column's default expression is a plain `now()` call.
+///
+/// SAFETY: `rel` is open and locked and `attribute` is one of its attributes.
+unsafe fn default_is_now(rel: pg_sys::Relation, attribute: &pg_sys::FormData_pg_attribute) -> bool {
+    if !attribute.atthasdef {
+        return false;
+    }
+    // SAFETY: build_column_default returns the column's default expression tree (or NULL).
+    unsafe {
+        let node = pg_sys::build_column_default(rel, attribute.attnum as i32);
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_FuncExpr {
+            return false;
+        }
+        let call = node.cast::<pg_sys::FuncExpr>();
+        (*call).funcid == pg_sys::Oid::from(pg_sys::F_NOW) && (*call).args.is_null()
     }
 }
 
 /// What the direct path needs to know about the table, read once per backend and forgotten
 /// whenever Postgres invalidates the table's or one of its indexes' relcache entries (DDL,
 /// CREATE INDEX CONCURRENTLY's phases, DROP EXTENSION, upgrades).
-#[derive(Clone)]
 struct Layout {
     relid: pg_sys::Oid,
     /// The identity sequence behind `seq`.
@@ -129,20 +196,20 @@ struct Layout {
     /// Every index of the table, ready or not: an invalidation of any of them forgets the layout.
     index_oids: Vec<pg_sys::Oid>,
     indexing: Indexing,
+    /// The table's only trigger is our `stamp`, enabled ALWAYS (or it has none).
+    stamp_only: bool,
 }
 
-/// How a fresh row's index entries are made.
-#[derive(Clone)]
+/// How a new row's index entries are made.
 enum Indexing {
-    /// Every index fits the fresh-row model; these are the ones a fresh row enters.
-    Entered(Vec<EnteredIndex>),
-    /// Some index does not: the executor's routine opens all of them and checks each predicate.
+    /// Every index is a plain btree every row enters.
+    Direct(Vec<DirectIndex>),
+    /// Some index is not: the executor's routine opens all of them and checks each one.
     Executor,
 }
 
-/// A plain-column btree index that every fresh row enters.
-#[derive(Clone)]
-struct EnteredIndex {
+/// A plain btree on columns with their default operator classes.
+struct DirectIndex {
     oid: pg_sys::Oid,
     unique: bool,
     nulls_not_distinct: bool,
@@ -157,11 +224,13 @@ thread_local! {
     /// Relcache invalidations this backend has processed, of any relation. A layout read while
     /// this moved may predate the invalidation that would have cleared it, so it is not kept.
     static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
+    /// The events table whose extension version was checked against this library.
+    static VERSION_CHECKED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
 /// Relcache invalidation callback: forgets the layout when the events table or one of its
 /// indexes changes (InvalidOid: everything changed). Runs in this backend only, while it
-/// processes invalidation messages; it must not touch the catalogs, so it only clears a cache.
+/// processes invalidation messages; it must not touch the catalogs, so it only clears caches.
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_layout(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     INVALIDATIONS.set(INVALIDATIONS.get().wrapping_add(1));
@@ -174,12 +243,15 @@ unsafe extern "C-unwind" fn forget_layout(_arg: pg_sys::Datum, relid: pg_sys::Oi
             *layout = None;
         }
     });
+    if relid == pg_sys::InvalidOid || VERSION_CHECKED.get() == relid {
+        VERSION_CHECKED.set(pg_sys::InvalidOid);
+    }
 }
 
 /// `outbox.events`, opened with RowExclusiveLock for this transaction.
 struct EventsTable {
     rel: pg_sys::Relation,
-    /// None when the table has a column emit() does not know, or no identity sequence.
+    /// None when the table is not as shipped (a column added, missing or changed).
     layout: Option<Rc<Layout>>,
 }
 
@@ -191,15 +263,20 @@ impl EventsTable {
             unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_layout), 0.into()) };
             INVALIDATION_REGISTERED.set(true);
         }
-        let cached = LAYOUT.with(|layout| layout.borrow().clone());
-        let relid = match &cached {
-            Some(layout) => layout.relid,
-            None => events_relid(),
-        };
+        // Looked up by name every time (a syscache hit): after DROP and CREATE EXTENSION the
+        // cached oid would name a table that is gone.
+        let relid = events_relid();
         // SAFETY: inside a transaction; the lock is held until it ends (closed with NoLock).
         // Locking processes pending invalidations, so a stale cached layout is forgotten here.
         let rel = unsafe { pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32) };
-        let layout = LAYOUT.with(|layout| layout.borrow().clone()).or_else(|| {
+        if VERSION_CHECKED.get() != relid {
+            check_extension_version();
+            VERSION_CHECKED.set(relid);
+        }
+        let cached = LAYOUT
+            .with(|layout| layout.borrow().clone())
+            .filter(|layout| layout.relid == relid);
+        let layout = cached.or_else(|| {
             let before = INVALIDATIONS.get();
             // SAFETY: `rel` is open and locked, so its descriptor and index list are valid.
             let layout = unsafe { read_layout(rel) }.map(Rc::new);
@@ -215,7 +292,7 @@ impl EventsTable {
     }
 
     /// True while the table is a plain heap table with nothing the direct path would bypass.
-    fn is_plain(&self) -> bool {
+    fn is_plain(&self, layout: &Layout) -> bool {
         // SAFETY: `rel` is open and locked; these fields are read-only relcache data.
         unsafe {
             let class = &*(*self.rel).rd_rel;
@@ -225,7 +302,7 @@ impl EventsTable {
                 && !class.relispartition
                 && !class.relhasrules
                 && !class.relrowsecurity
-                && (*self.rel).trigdesc.is_null()
+                && layout.stamp_only
                 && (constraints.is_null()
                     || ((*constraints).num_check == 0 && !(*constraints).has_generated_stored))
         }
@@ -251,8 +328,32 @@ fn events_relid() -> pg_sys::Oid {
     }
 }
 
-/// Reads which column is where and which indexes a fresh row enters; None if the table has a
-/// column emit() does not know.
+/// Refuses to write when the extension's SQL objects are of another version than this library:
+/// the columns and functions emit() writes for may not be there.
+fn check_extension_version() {
+    let library = env!("CARGO_PKG_VERSION");
+    let installed = with_pinned_search_path(|| {
+        Spi::get_one::<String>(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'outbox_pg'",
+        )
+        .ok()
+        .flatten()
+    });
+    if installed.as_deref() != Some(library) {
+        Refusal::new(
+            pgrx::pg_sys::errcodes::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "outbox.emit: the outbox_pg library is version {library} but the extension in this database is version {}",
+                installed.as_deref().unwrap_or("(none)")
+            ),
+        )
+        .hint("Run ALTER EXTENSION outbox_pg UPDATE, or restart the server if the library was upgraded and the old one is still loaded.")
+        .raise();
+    }
+}
+
+/// Reads which column is where and how index entries are made; None if the table is not as
+/// shipped.
 ///
 /// SAFETY: `rel` is open and locked.
 unsafe fn read_layout(rel: pg_sys::Relation) -> Option<Layout> {
@@ -267,7 +368,10 @@ unsafe fn read_layout(rel: pg_sys::Relation) -> Option<Layout> {
         } else {
             Column::named(pgrx::name_data_to_str(&attribute.attname))?
         };
-        if !column.fits(attribute) {
+        // SAFETY: `attribute` belongs to `rel`.
+        if !unsafe { as_shipped(rel, attribute, column) }
+            || columns.contains(&column) && column != Column::Dropped
+        {
             return None;
         }
         if column == Column::Seq {
@@ -275,26 +379,59 @@ unsafe fn read_layout(rel: pg_sys::Relation) -> Option<Layout> {
         }
         columns.push(column);
     }
+    if !SHIPPED.iter().all(|c| columns.contains(c)) {
+        return None;
+    }
     // SAFETY: a catalog lookup inside a transaction; missing_ok returns InvalidOid.
     let seq_relid = unsafe { pg_sys::getIdentitySequence(relid, seq_attnum?, true) };
     if seq_relid == pg_sys::InvalidOid {
         return None;
     }
     // SAFETY: `rel` is open and locked.
-    let (index_oids, indexing) = unsafe { read_indexing(rel, &columns) };
+    let (index_oids, indexing) = unsafe { read_indexing(rel) };
     Some(Layout {
         relid,
         seq_relid,
         columns,
         index_oids,
         indexing,
+        // SAFETY: `rel` is open and locked.
+        stamp_only: unsafe { only_our_stamp_trigger(rel) },
     })
 }
 
-/// Lists the table's indexes and decides which of them a fresh row enters.
+/// True if the table has no trigger, or only `stamp`: BEFORE INSERT FOR EACH ROW, enabled
+/// ALWAYS, calling outbox.stamp_event() (which the direct path stands in for).
 ///
-/// SAFETY: `rel` is open and locked; `columns` describes its attributes.
-unsafe fn read_indexing(rel: pg_sys::Relation, columns: &[Column]) -> (Vec<pg_sys::Oid>, Indexing) {
+/// SAFETY: `rel` is open and locked.
+unsafe fn only_our_stamp_trigger(rel: pg_sys::Relation) -> bool {
+    // SAFETY: the relation's trigger descriptor is valid while it is open.
+    unsafe {
+        let triggers = (*rel).trigdesc;
+        if triggers.is_null() {
+            return true;
+        }
+        if (*triggers).numtriggers != 1 {
+            return false;
+        }
+        let trigger = &*(*triggers).triggers;
+        let before_insert_row = (pg_sys::TRIGGER_TYPE_ROW
+            | pg_sys::TRIGGER_TYPE_BEFORE
+            | pg_sys::TRIGGER_TYPE_INSERT) as i16;
+        let function = pg_sys::get_func_name(trigger.tgfoid);
+        trigger.tgtype == before_insert_row
+            && trigger.tgenabled == pg_sys::TRIGGER_FIRES_ALWAYS as std::ffi::c_char
+            && !function.is_null()
+            && CStr::from_ptr(function) == c"stamp_event"
+            && pg_sys::get_func_namespace(trigger.tgfoid)
+                == pg_sys::get_namespace_oid(c"outbox".as_ptr(), false)
+    }
+}
+
+/// Lists the table's indexes and decides how their entries are made.
+///
+/// SAFETY: `rel` is open and locked.
+unsafe fn read_indexing(rel: pg_sys::Relation) -> (Vec<pg_sys::Oid>, Indexing) {
     // SAFETY: the index list of an open relation is a valid List of oids.
     let index_oids: Vec<pg_sys::Oid> = unsafe {
         let list = pg_sys::RelationGetIndexList(rel);
@@ -302,145 +439,96 @@ unsafe fn read_indexing(rel: pg_sys::Relation, columns: &[Column]) -> (Vec<pg_sy
             .map(|i| pg_sys::list_nth_oid(list, i))
             .collect()
     };
-    let mut entered = Vec::new();
+    let mut direct = Vec::new();
     for &oid in &index_oids {
         // SAFETY: the table's lock keeps its indexes from being dropped; same lock as INSERT.
         let index = unsafe { pg_sys::index_open(oid, pg_sys::RowExclusiveLock as i32) };
         // SAFETY: `index` is open; `rel` is its open, locked table.
-        let fit = unsafe { fresh_row_fit(index, rel, columns) };
+        let fit = unsafe { direct_fit(index, rel) };
         // SAFETY: opened above; the lock is kept, as the executor does.
         unsafe { pg_sys::index_close(index, pg_sys::NoLock as i32) };
         match fit {
-            FreshRowFit::Enters(index) => entered.push(index),
-            FreshRowFit::Skips => {}
-            FreshRowFit::Unknown => return (index_oids, Indexing::Executor),
+            IndexFit::Direct(index) => direct.push(index),
+            IndexFit::NotReady => {}
+            IndexFit::Executor => return (index_oids, Indexing::Executor),
         }
     }
-    (index_oids, Indexing::Entered(entered))
+    (index_oids, Indexing::Direct(direct))
 }
 
-enum FreshRowFit {
-    Enters(EnteredIndex),
-    Skips,
-    /// The index does not fit the fresh-row model.
-    Unknown,
+enum IndexFit {
+    Direct(DirectIndex),
+    /// Being built concurrently: not ready for entries yet. Its relcache invalidation when it
+    /// becomes ready forgets the layout.
+    NotReady,
+    /// Not a plain btree on columns with default operator classes.
+    Executor,
 }
 
-/// Decides whether every fresh row enters `index`, by evaluating its predicate on a fresh row.
+/// Whether the direct path can maintain `index`.
 ///
 /// SAFETY: `index` is an open index of `rel`, which is open and locked.
-unsafe fn fresh_row_fit(
-    index: pg_sys::Relation,
-    rel: pg_sys::Relation,
-    columns: &[Column],
-) -> FreshRowFit {
+unsafe fn direct_fit(index: pg_sys::Relation, rel: pg_sys::Relation) -> IndexFit {
     // SAFETY: an open index's pg_index row and relcache fields are valid while it is open.
     unsafe {
         let form = &*(*index).rd_index;
         if !form.indisready {
-            // Being built concurrently: not ready for entries yet. Its relcache invalidation
-            // when it becomes ready forgets this layout.
-            return FreshRowFit::Skips;
+            return IndexFit::NotReady;
         }
         let plain_btree = (*(*index).rd_rel).relam == pg_sys::BTREE_AM_OID
             && !form.indisexclusion
             && (form.indimmediate || !form.indisunique)
-            && pg_sys::RelationGetIndexExpressions(index).is_null();
+            && pg_sys::RelationGetIndexExpressions(index).is_null()
+            && pg_sys::RelationGetIndexPredicate(index).is_null();
         if !plain_btree {
-            return FreshRowFit::Unknown;
+            return IndexFit::Executor;
         }
         let attnums = form.indkey.values.as_slice(form.indnatts as usize);
-        let Some(positions) = attnums
-            .iter()
-            .map(|&attnum| usize::try_from(attnum - 1).ok())
-            .collect::<Option<Vec<usize>>>()
-        else {
-            return FreshRowFit::Unknown;
-        };
-        let predicate = pg_sys::RelationGetIndexPredicate(index);
-        let enters = if predicate.is_null() {
-            true
-        } else {
-            match fresh_row_satisfies(predicate, rel, columns) {
-                Some(enters) => enters,
-                None => return FreshRowFit::Unknown,
+        let desc = &*(*rel).rd_att;
+        let attributes = desc.attrs.as_slice(desc.natts as usize);
+        let mut positions = Vec::with_capacity(attnums.len());
+        for (i, &attnum) in attnums.iter().enumerate() {
+            let Some(position) = usize::try_from(attnum - 1).ok() else {
+                return IndexFit::Executor;
+            };
+            // Key columns must use their type's default btree operator family: a user-defined
+            // one could run SQL under the caller's search path.
+            if i < form.indnkeyatts as usize {
+                let Some(attribute) = attributes.get(position) else {
+                    return IndexFit::Executor;
+                };
+                let default = pg_sys::GetDefaultOpClass(attribute.atttypid, pg_sys::BTREE_AM_OID);
+                if default == pg_sys::InvalidOid
+                    || *(*index).rd_opfamily.add(i) != pg_sys::get_opclass_family(default)
+                    || *(*index).rd_opcintype.add(i) != pg_sys::get_opclass_input_type(default)
+                {
+                    return IndexFit::Executor;
+                }
             }
-        };
-        if !enters {
-            return FreshRowFit::Skips;
+            positions.push(position);
         }
-        FreshRowFit::Enters(EnteredIndex {
+        IndexFit::Direct(DirectIndex {
             oid: (*index).rd_id,
             unique: form.indisunique,
-            nulls_not_distinct: form.indnullsnotdistinct,
+            nulls_not_distinct: nulls_not_distinct(form),
             key_count: form.indnkeyatts as i32,
             columns: positions,
         })
     }
 }
 
-/// Evaluates an index predicate on a fresh row; None if it reads a column whose value differs
-/// between fresh rows (then only the executor can decide, row by row).
-///
-/// SAFETY: `predicate` is an index predicate (implicit-AND list) of an index of `rel`, which
-/// is open and locked.
-unsafe fn fresh_row_satisfies(
-    predicate: *mut pg_sys::List,
-    rel: pg_sys::Relation,
-    columns: &[Column],
-) -> Option<bool> {
-    // SAFETY: pull_varattnos walks a valid expression tree; the predicate's Vars are varno 1.
-    let reads_only_fresh_constants = unsafe {
-        let mut attnos: *mut pg_sys::Bitmapset = std::ptr::null_mut();
-        pg_sys::pull_varattnos(predicate.cast(), 1, &mut attnos);
-        let mut member = -1;
-        let mut fits = true;
-        loop {
-            member = pg_sys::bms_next_member(attnos, member);
-            if member < 0 {
-                break;
-            }
-            let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
-            let column = usize::try_from(attnum - 1)
-                .ok()
-                .and_then(|i| columns.get(i));
-            fits &= column.is_some_and(|c| c.same_in_every_fresh_row());
-        }
-        fits
-    };
-    if !reads_only_fresh_constants {
-        return None;
-    }
-    // SAFETY: a throwaway executor state for one evaluation, freed before returning; the slot
-    // holds a fresh row's constant columns (the predicate reads nothing else).
-    unsafe {
-        let estate = pg_sys::CreateExecutorState();
-        let previous = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
-        let slot = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsVirtual);
-        for (i, column) in columns.iter().enumerate() {
-            let attempts = *column == Column::PublishAttempts;
-            *(*slot).tts_values.add(i) = pg_sys::Datum::from(0);
-            *(*slot).tts_isnull.add(i) = !attempts;
-        }
-        pg_sys::ExecStoreVirtualTuple(slot);
-        let econtext = pg_sys::MakePerTupleExprContext(estate);
-        (*econtext).ecxt_scantuple = slot;
-        let qual = pg_sys::ExecPrepareQual(predicate, estate);
-        pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
-        let evaluate = (*qual)
-            .evalfunc
-            .expect("a prepared qual has an evaluation function");
-        let mut is_null = false;
-        let result = evaluate(qual, econtext, &mut is_null);
-        pg_sys::MemoryContextSwitchTo(previous);
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::FreeExecutorState(estate);
-        Some(!is_null && result.value() != 0)
-    }
+#[cfg(not(feature = "pg14"))]
+fn nulls_not_distinct(form: &pg_sys::FormData_pg_index) -> bool {
+    form.indnullsnotdistinct
+}
+
+#[cfg(feature = "pg14")]
+fn nulls_not_distinct(_form: &pg_sys::FormData_pg_index) -> bool {
+    false
 }
 
 /// Forms the tuple and inserts it into the heap (which toasts large payloads as usual), then
-/// makes its index entries: into the indexes a fresh row enters, or through the executor.
+/// makes its index entries.
 ///
 /// SAFETY: inside a transaction; `table` is open and locked and `layout` describes it.
 unsafe fn insert_directly(table: &EventsTable, layout: &Layout, row: &EventRow) {
@@ -449,19 +537,20 @@ unsafe fn insert_directly(table: &EventsTable, layout: &Layout, row: &EventRow) 
     for (i, column) in layout.columns.iter().enumerate() {
         let value = match column {
             Column::Id => Some(uuid_datum(row.id)),
-            Column::EventType => Some(text_datum(row.event_type)),
-            Column::AggregateId => Some(text_datum(row.aggregate_id)),
+            Column::EventType => Some(row.event_type),
+            Column::AggregateId => Some(row.aggregate_id),
             Column::Payload => Some(row.payload),
             // The default of created_at is now(): the transaction's start.
             // SAFETY: inside a transaction.
             Column::CreatedAt => {
                 unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }.into_datum()
             }
-            Column::PublishAttempts => 0i32.into_datum(),
             Column::Seq => Some(next_seq(layout.seq_relid)),
-            Column::Topic => row.topic.map(text_datum),
+            Column::Topic => row.topic,
             Column::Headers => row.headers,
-            Column::StartsNull | Column::Dropped => None,
+            Column::Xid => row.xid.map(pg_sys::Datum::from),
+            Column::MessageBytes => Some(pg_sys::Datum::from(row.message_bytes)),
+            Column::Dropped => None,
         };
         if let Some(value) = value {
             values[i] = value;
@@ -471,7 +560,7 @@ unsafe fn insert_directly(table: &EventsTable, layout: &Layout, row: &EventRow) 
     // SAFETY: per the contract; values and nulls have one entry per attribute of the table.
     unsafe {
         match &layout.indexing {
-            Indexing::Entered(indexes) => {
+            Indexing::Direct(indexes) => {
                 let tuple = pg_sys::heap_form_tuple(
                     (*table.rel).rd_att,
                     values.as_mut_ptr(),
@@ -483,20 +572,22 @@ unsafe fn insert_directly(table: &EventsTable, layout: &Layout, row: &EventRow) 
                 }
                 pg_sys::heap_freetuple(tuple);
             }
-            Indexing::Executor => insert_with_executor(table.rel, &values, &nulls),
+            Indexing::Executor => {
+                with_pinned_search_path(|| insert_with_executor(table.rel, &values, &nulls))
+            }
         }
         pg_sys::table_close(table.rel, pg_sys::NoLock as i32);
     }
 }
 
-/// Inserts the entry for the heap tuple at `tid` into one index a fresh row enters, with the
-/// uniqueness check a unique index asks for.
+/// Inserts the entry for the heap tuple at `tid` into one plain btree, with the uniqueness
+/// check a unique index asks for.
 ///
 /// SAFETY: inside a transaction; `rel` is open and locked; `tid` is the new tuple's location and
 /// `values`/`nulls` its columns.
 unsafe fn insert_index_entry(
     rel: pg_sys::Relation,
-    index: &EnteredIndex,
+    index: &DirectIndex,
     tid: &mut pg_sys::ItemPointerData,
     values: &[pg_sys::Datum],
     nulls: &[bool],
@@ -512,17 +603,7 @@ unsafe fn insert_index_entry(
     // keeping its lock until the transaction ends, as the executor does.
     unsafe {
         let index_rel = pg_sys::index_open(index.oid, pg_sys::RowExclusiveLock as i32);
-        let info = pg_sys::makeIndexInfo(
-            index.columns.len() as i32,
-            index.key_count,
-            pg_sys::BTREE_AM_OID,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            index.unique,
-            index.nulls_not_distinct,
-            true,
-            false,
-        );
+        let info = index_info(index);
         pg_sys::index_insert(
             index_rel,
             key_values.as_mut_ptr(),
@@ -537,8 +618,77 @@ unsafe fn insert_index_entry(
     }
 }
 
-/// The general route for index maintenance: the executor opens every index and evaluates each
-/// predicate for this row.
+/// The IndexInfo a plain btree insert needs (makeIndexInfo grew parameters over the majors).
+///
+/// SAFETY: inside a transaction (palloc in the current context).
+unsafe fn index_info(index: &DirectIndex) -> *mut pg_sys::IndexInfo {
+    let attributes = index.columns.len() as i32;
+    // SAFETY: per the contract.
+    unsafe {
+        #[cfg(feature = "pg14")]
+        {
+            let _ = index.nulls_not_distinct;
+            pg_sys::makeIndexInfo(
+                attributes,
+                index.key_count,
+                pg_sys::BTREE_AM_OID,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                index.unique,
+                true,
+                false,
+            )
+        }
+        #[cfg(feature = "pg15")]
+        {
+            pg_sys::makeIndexInfo(
+                attributes,
+                index.key_count,
+                pg_sys::BTREE_AM_OID,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                index.unique,
+                index.nulls_not_distinct,
+                true,
+                false,
+            )
+        }
+        #[cfg(any(feature = "pg16", feature = "pg17"))]
+        {
+            pg_sys::makeIndexInfo(
+                attributes,
+                index.key_count,
+                pg_sys::BTREE_AM_OID,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                index.unique,
+                index.nulls_not_distinct,
+                true,
+                false,
+                false,
+            )
+        }
+        #[cfg(feature = "pg18")]
+        {
+            pg_sys::makeIndexInfo(
+                attributes,
+                index.key_count,
+                pg_sys::BTREE_AM_OID,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                index.unique,
+                index.nulls_not_distinct,
+                true,
+                false,
+                false,
+                false,
+            )
+        }
+    }
+}
+
+/// The general route for index maintenance: the executor opens every index, evaluates
+/// expressions and predicates for this row, and inserts the entries.
 ///
 /// SAFETY: inside a transaction; `rel` is open and locked; `values`/`nulls` are its columns.
 unsafe fn insert_with_executor(rel: pg_sys::Relation, values: &[pg_sys::Datum], nulls: &[bool]) {
@@ -559,6 +709,7 @@ unsafe fn insert_with_executor(rel: pg_sys::Relation, values: &[pg_sys::Datum], 
         std::ptr::copy_nonoverlapping(nulls.as_ptr(), (*slot).tts_isnull, nulls.len());
         pg_sys::ExecStoreVirtualTuple(slot);
         pg_sys::simple_table_tuple_insert(rel, slot);
+        #[cfg(any(feature = "pg14", feature = "pg15"))]
         pg_sys::ExecInsertIndexTuples(
             result,
             slot,
@@ -568,6 +719,17 @@ unsafe fn insert_with_executor(rel: pg_sys::Relation, values: &[pg_sys::Datum], 
             std::ptr::null_mut(),
             std::ptr::null_mut(),
         );
+        #[cfg(not(any(feature = "pg14", feature = "pg15")))]
+        pg_sys::ExecInsertIndexTuples(
+            result,
+            slot,
+            estate,
+            false,
+            false,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            false,
+        );
 
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::ExecCloseIndices(result);
@@ -575,8 +737,30 @@ unsafe fn insert_with_executor(rel: pg_sys::Relation, values: &[pg_sys::Datum], 
     }
 }
 
-fn text_datum(text: &str) -> pg_sys::Datum {
-    text.into_datum().expect("text is never NULL")
+/// Runs `f` with `search_path = pg_catalog, pg_temp`, restored afterwards (or by transaction
+/// abort if `f` raises an error), the way a function's `SET search_path` clause applies.
+pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+    let (name, value) = (c"search_path", c"pg_catalog, pg_temp");
+    // SAFETY: inside a transaction; the nest level is closed below with the same number, or by
+    // AtEOXact_GUC at abort.
+    let level = unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        level
+    };
+    let result = f();
+    // SAFETY: closes the nest level opened above.
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    result
 }
 
 fn uuid_datum(id: uuid::Uuid) -> pg_sys::Datum {
@@ -595,7 +779,8 @@ fn next_seq(seq_relid: pg_sys::Oid) -> pg_sys::Datum {
 }
 
 const INSERT_EVENT: &CStr = c"INSERT INTO outbox.events \
-    (id, event_type, aggregate_id, payload, headers, topic) VALUES ($1, $2, $3, $4, $5, $6)";
+    (id, event_type, aggregate_id, payload, headers, topic, xid, message_bytes) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 thread_local! {
     /// This backend's saved plan for INSERT_EVENT; plancache revalidates it after DDL.
@@ -603,16 +788,18 @@ thread_local! {
 }
 
 /// The general path: a prepared INSERT through SPI, which fires triggers, checks constraints
-/// and applies every column default.
+/// and applies every column default. The caller pins the search path.
 fn insert_through_spi(row: &EventRow) {
     let absent = pg_sys::Datum::from(0);
     let mut values = [
         uuid_datum(row.id),
-        text_datum(row.event_type),
-        text_datum(row.aggregate_id),
+        row.event_type,
+        row.aggregate_id,
         row.payload,
         row.headers.unwrap_or(absent),
-        row.topic.map(text_datum).unwrap_or(absent),
+        row.topic.unwrap_or(absent),
+        row.xid.map(pg_sys::Datum::from).unwrap_or(absent),
+        pg_sys::Datum::from(row.message_bytes),
     ];
     let null = |absent: bool| if absent { b'n' } else { b' ' } as std::ffi::c_char;
     let nulls = [
@@ -622,24 +809,15 @@ fn insert_through_spi(row: &EventRow) {
         null(false),
         null(row.headers.is_none()),
         null(row.topic.is_none()),
+        null(row.xid.is_none()),
+        null(false),
     ];
     // SAFETY: called from a SQL function inside a transaction, the only place SPI may connect;
-    // values and nulls have exactly the six entries the plan declares. The search path pushed
-    // here is popped below, or by transaction abort if the insert raises an error.
+    // values and nulls have exactly the entries the plan declares.
     unsafe {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             pgrx::error!("outbox.emit: SPI_connect failed");
         }
-        // emit() runs with its owner's rights: resolve names in pg_catalog only, never in the
-        // caller's schemas or pg_temp. The plan keeps this path; Postgres replans only if the
-        // active path differs, so it is pushed on every call.
-        let mut catalog_only = pg_sys::OverrideSearchPath {
-            schemas: std::ptr::null_mut(),
-            addCatalog: true,
-            addTemp: false,
-            generation: 0,
-        };
-        pg_sys::PushOverrideSearchPath(&mut catalog_only);
         let plan = INSERT_PLAN.with(|cell| {
             if cell.get().is_null() {
                 let mut types = [
@@ -649,8 +827,14 @@ fn insert_through_spi(row: &EventRow) {
                     pg_sys::JSONBOID,
                     pg_sys::JSONBOID,
                     pg_sys::TEXTOID,
+                    pg_sys::XID8OID,
+                    pg_sys::INT4OID,
                 ];
-                let plan = pg_sys::SPI_prepare(INSERT_EVENT.as_ptr(), 6, types.as_mut_ptr());
+                let plan = pg_sys::SPI_prepare(
+                    INSERT_EVENT.as_ptr(),
+                    types.len() as i32,
+                    types.as_mut_ptr(),
+                );
                 if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
                     pgrx::error!("outbox.emit: could not prepare the outbox insert");
                 }
@@ -662,7 +846,6 @@ fn insert_through_spi(row: &EventRow) {
         if rc != pg_sys::SPI_OK_INSERT as i32 {
             pgrx::error!("outbox.emit: insert into outbox.events failed (SPI code {rc})");
         }
-        pg_sys::PopOverrideSearchPath();
         pg_sys::SPI_finish();
     }
 }
@@ -685,7 +868,7 @@ mod tests {
     }
 
     /// amcheck with heapallindexed on every btree index of the table: each holds exactly the
-    /// rows its predicate selects, no more, no fewer.
+    /// rows it should, no more, no fewer.
     fn indexes_are_consistent() -> bool {
         Spi::run("CREATE EXTENSION IF NOT EXISTS amcheck").unwrap();
         holds(
@@ -696,39 +879,40 @@ mod tests {
         )
     }
 
-    #[pg_test]
-    fn the_shipped_table_takes_the_direct_path() {
+    fn direct_indexes() -> Option<usize> {
         let table = super::EventsTable::current();
-        let plain = table.is_plain();
-        let entered = match table.layout.as_deref() {
-            Some(super::Layout {
-                indexing: super::Indexing::Entered(indexes),
-                ..
-            }) => indexes.len(),
-            _ => 0,
+        let direct = match table.layout.as_deref() {
+            Some(layout) if table.is_plain(layout) => match &layout.indexing {
+                super::Indexing::Direct(indexes) => Some(indexes.len()),
+                super::Indexing::Executor => Some(0),
+            },
+            _ => None,
         };
         table.close();
-        assert!(plain);
-        // The primary key and events_pending; never the retry or dead-letter indexes.
-        assert_eq!(entered, 2);
+        direct
+    }
+
+    #[pg_test]
+    fn the_shipped_table_takes_the_direct_path() {
+        // The primary key, (seq, id) and (xid); the stamp trigger does not count.
+        assert_eq!(direct_indexes(), Some(3));
+        let id = emit("a");
+        assert!(holds(&format!(
+            "SELECT xid = pg_current_xact_id() AND message_bytes > 0 FROM outbox.events WHERE id = '{id}'"
+        )));
     }
 
     #[pg_test]
     fn direct_insert_maintains_every_index() {
-        Spi::run(
-            "SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 300) g;
-             UPDATE outbox.events SET published_at = now() WHERE seq % 3 = 0;
-             UPDATE outbox.events SET publish_attempts = 1, next_attempt_at = now() WHERE seq % 3 = 1;",
-        )
-        .unwrap();
-        let id = emit("after-updates");
+        Spi::run("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 300) g").unwrap();
+        let id = emit("after");
         assert!(indexes_are_consistent());
         Spi::run("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off").unwrap();
         assert!(holds(&format!(
             "SELECT count(*) = 1 FROM outbox.events WHERE id = '{id}'"
         )));
         assert!(holds(
-            "SELECT count(*) = 101 FROM outbox.events WHERE published_at IS NULL AND publish_attempts = 0"
+            "SELECT count(*) = 301 FROM outbox.events WHERE xid = pg_current_xact_id()"
         ));
     }
 
@@ -758,6 +942,7 @@ mod tests {
                FOR EACH ROW EXECUTE FUNCTION public.remember();",
         )
         .unwrap();
+        assert_eq!(direct_indexes(), None, "another trigger: the SQL path");
         let with_trigger = emit("a");
         Spi::run("DROP TRIGGER remember ON outbox.events").unwrap();
         let without_trigger = emit("a");
@@ -765,7 +950,8 @@ mod tests {
             "SELECT array_agg(id) = ARRAY['{with_trigger}'::uuid] FROM public.seen"
         )));
         assert!(holds(&format!(
-            "SELECT count(*) = 2 FROM outbox.events WHERE id IN ('{with_trigger}', '{without_trigger}')"
+            "SELECT count(*) = 2 AND bool_and(xid = pg_current_xact_id())
+             FROM outbox.events WHERE id IN ('{with_trigger}', '{without_trigger}')"
         )));
     }
 
@@ -782,32 +968,45 @@ mod tests {
              FROM outbox.events WHERE id IN ('{before}', '{after}')"
         )));
         Spi::run("ALTER TABLE outbox.events DROP COLUMN note").unwrap();
+        assert_eq!(direct_indexes(), Some(3), "a dropped column is fine");
         let dropped = emit("a");
         assert!(holds(&format!(
-            "SELECT seq > (SELECT seq FROM outbox.events WHERE id = '{after}')
-                    AND publish_attempts = 0 AND created_at = now()
+            "SELECT seq > (SELECT seq FROM outbox.events WHERE id = '{after}') AND created_at = now()
              FROM outbox.events WHERE id = '{dropped}'"
         )));
         assert!(indexes_are_consistent());
     }
 
     #[pg_test]
-    fn columns_changed_by_hand_are_written_through_sql() {
+    fn changed_defaults_and_typmods_are_written_through_sql() {
+        Spi::run("ALTER TABLE outbox.events ALTER COLUMN created_at SET DEFAULT clock_timestamp()")
+            .unwrap();
+        assert_eq!(direct_indexes(), None);
+        Spi::run("SELECT pg_sleep(0.01)").unwrap();
+        let id = emit("a");
+        assert!(
+            holds(&format!(
+                "SELECT created_at > now() FROM outbox.events WHERE id = '{id}'"
+            )),
+            "the changed default applies"
+        );
         Spi::run(
-            "ALTER TABLE outbox.events ALTER COLUMN error SET DEFAULT 'none yet';
+            "ALTER TABLE outbox.events ALTER COLUMN created_at SET DEFAULT now();
              ALTER EXTENSION outbox_pg DROP VIEW outbox.status;
+             ALTER EXTENSION outbox_pg DROP VIEW outbox.pending;
+             ALTER EXTENSION outbox_pg DROP VIEW outbox.unsent;
              ALTER EXTENSION outbox_pg DROP VIEW outbox.dead_letters;
-             DROP VIEW outbox.status, outbox.dead_letters;
-             ALTER TABLE outbox.events ALTER COLUMN publish_attempts TYPE bigint;",
+             DROP VIEW outbox.status, outbox.unsent, outbox.pending, outbox.dead_letters;
+             ALTER TABLE outbox.events ALTER COLUMN created_at TYPE timestamptz(0);",
         )
         .unwrap();
+        assert_eq!(direct_indexes(), None, "a typmod: the SQL path");
         let id = emit("a");
         assert!(holds(&format!(
-            "SELECT error = 'none yet' AND publish_attempts = 0 FROM outbox.events WHERE id = '{id}'"
-        )));
+            "SELECT created_at = date_trunc('second', created_at) FROM outbox.events WHERE id = '{id}'"
+        )), "the typmod applies");
         Spi::run(
-            "DELETE FROM outbox.events;
-             ALTER TABLE outbox.events ALTER COLUMN topic SET NOT NULL;",
+            "DELETE FROM outbox.events; ALTER TABLE outbox.events ALTER COLUMN topic SET NOT NULL",
         )
         .unwrap();
         Spi::run(
@@ -823,19 +1022,45 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_table_missing_a_column_refuses_emit_instead_of_dropping_an_argument() {
+        Spi::run(
+            "ALTER EXTENSION outbox_pg DROP VIEW outbox.status;
+             ALTER EXTENSION outbox_pg DROP VIEW outbox.pending;
+             ALTER EXTENSION outbox_pg DROP VIEW outbox.unsent;
+             ALTER EXTENSION outbox_pg DROP VIEW outbox.dead_letters;
+             DROP VIEW outbox.status, outbox.unsent, outbox.pending, outbox.dead_letters;
+             ALTER TABLE outbox.events DROP COLUMN headers;",
+        )
+        .unwrap();
+        assert_eq!(direct_indexes(), None);
+        Spi::run(
+            "CREATE FUNCTION pg_temp.refused() RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN PERFORM outbox.emit('t', 'a', '{}', '{\"h\": \"v\"}'); RETURN 'accepted';
+             EXCEPTION WHEN undefined_column THEN RETURN SQLERRM; END $$",
+        )
+        .unwrap();
+        let outcome = Spi::get_one::<String>("SELECT pg_temp.refused()")
+            .unwrap()
+            .unwrap();
+        assert!(outcome.contains("headers"), "{outcome}");
+    }
+
+    #[pg_test]
     fn indexes_someone_adds_are_maintained() {
         Spi::run(
             "CREATE INDEX by_type ON outbox.events (event_type) INCLUDE (created_at);
-             CREATE UNIQUE INDEX by_seq ON outbox.events (seq);",
+             CREATE UNIQUE INDEX by_id_again ON outbox.events (id);",
         )
         .unwrap();
+        assert_eq!(direct_indexes(), Some(5));
         let plain = emit("plain");
-        // A predicate on the row's own values, and a non-btree index: the executor's route.
+        // A predicate, an expression, and a non-btree index: the executor's route.
         Spi::run(
             "CREATE INDEX only_a ON outbox.events (seq) WHERE aggregate_id = 'a';
              CREATE INDEX by_payload ON outbox.events USING gin (payload);",
         )
         .unwrap();
+        assert_eq!(direct_indexes(), Some(0));
         let general = emit("a");
         let other = emit("b");
         assert!(indexes_are_consistent());
@@ -849,6 +1074,47 @@ mod tests {
         ));
         assert!(holds(&format!(
             "SELECT array_agg(id) = ARRAY['{general}']::uuid[] FROM outbox.events WHERE aggregate_id = 'a'"
+        )));
+    }
+
+    #[pg_test]
+    fn an_index_function_runs_with_the_pinned_search_path_not_the_callers() {
+        // A superuser indexes payloads with a SQL function that names lower() unqualified. A
+        // role with its own schema first in its search_path plants a look-alike lower().
+        Spi::run(
+            "CREATE TABLE public.canary (what text);
+             CREATE FUNCTION public.tenant(p jsonb) RETURNS text IMMUTABLE LANGUAGE sql
+                 AS $$ SELECT lower(p->>'tenant') $$;
+             CREATE INDEX by_tenant ON outbox.events (public.tenant(payload));
+             CREATE ROLE mallory_index;
+             CREATE SCHEMA mallory AUTHORIZATION mallory_index;
+             GRANT INSERT ON public.canary TO mallory_index;
+             SET ROLE mallory_index;
+             CREATE FUNCTION mallory.lower(text) RETURNS text LANGUAGE sql
+                 AS $$ INSERT INTO public.canary VALUES ('lower ran as ' || current_user) RETURNING 'x' $$;
+             SET search_path = mallory, pg_catalog, public;
+             SELECT outbox.emit('t', 'a', '{\"tenant\": \"ACME\"}');
+             RESET search_path;
+             RESET ROLE;",
+        )
+        .unwrap();
+        assert!(
+            holds("SELECT count(*) = 0 FROM public.canary"),
+            "no look-alike ran"
+        );
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        assert!(holds(
+            "SELECT count(*) = 1 FROM outbox.events WHERE public.tenant(payload) = 'acme'"
+        ));
+    }
+
+    #[pg_test]
+    fn emit_works_after_the_extension_is_dropped_and_created_again() {
+        emit("before");
+        Spi::run("DROP EXTENSION outbox_pg CASCADE; CREATE EXTENSION outbox_pg;").unwrap();
+        let id = emit("after");
+        assert!(holds(&format!(
+            "SELECT count(*) = 1 FROM outbox.events WHERE id = '{id}'"
         )));
     }
 }

@@ -10,8 +10,10 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-use crate::shared::MAX_DATABASES;
-use crate::validate;
+use outbox_pg_core::envelope::MessageFormat;
+use outbox_pg_core::validate::{self, AllowedTopics};
+
+use crate::shmem::MAX_DATABASES;
 
 pub static BROKERS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"localhost:9092"));
@@ -37,6 +39,14 @@ pub static AUTO_CREATE_TOPICS: GucSetting<bool> = GucSetting::<bool>::new(false)
 pub static TOPIC_PARTITIONS: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static TOPIC_REPLICATION: GucSetting<i32> = GucSetting::<i32>::new(-1);
 pub static MAX_MESSAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+pub static BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024 * 1024);
+pub static ALLOWED_TOPICS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"*"));
+pub static PUBLISH_REPLICATED: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static DEAD_EVENTS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"skip"));
+pub static DIRECT_INSERT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"auto"));
 
 const HOUR_MS: i32 = 3_600_000;
 
@@ -111,6 +121,39 @@ pub fn init() {
             None,
         );
         GucRegistry::define_string_guc_with_hooks(
+            c"outbox.allowed_topics",
+            c"Topics emit() may publish to (after outbox.topic_prefix), comma-separated; a trailing * matches any rest.",
+            c"Checked at emit() and again by the worker before producing. Topics starting with __ are always refused.",
+            &ALLOWED_TOPICS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_allowed_topics),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.dead_events",
+            c"What a dead event means for later events of its topic and key: skip (they are published without it) or hold (they wait for outbox.retry or outbox.discard).",
+            c"",
+            &DEAD_EVENTS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_dead_events),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.direct_insert",
+            c"How emit() writes its row: auto (directly, unless an audit hook such as pgaudit or sepgsql is loaded), on (always directly), off (always through an SQL INSERT).",
+            c"Rows written directly are not seen by object-level audit hooks.",
+            &DIRECT_INSERT,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_direct_insert),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
             c"outbox.kafka_config",
             c"Extra librdkafka properties, key=value[,key=value...].",
             c"Visible to superusers only: it may hold credentials. Escape commas in values as \\,.",
@@ -164,8 +207,8 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"outbox.delivery_timeout",
-        c"How long librdkafka may try to deliver an event before it counts as a failed attempt; 0 waits for the broker indefinitely.",
-        c"With 0, a broker outage never fails events: they wait, in order, and are published when it returns.",
+        c"How long the worker waits for the broker to acknowledge a batch before it withdraws the unacknowledged messages and sends them again; 0 waits indefinitely.",
+        c"An unacknowledged message never counts as a failed attempt (the broker may hold it); sending it again may duplicate it.",
         &DELIVERY_TIMEOUT_MS,
         0,
         i32::MAX,
@@ -221,6 +264,24 @@ pub fn init() {
         GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_int_guc(
+        c"outbox.batch_bytes",
+        c"Most message bytes claimed and produced per batch; an event larger than this is claimed alone.",
+        c"Bounds the worker's memory: a batch holds at most this much payload (plus one event).",
+        &BATCH_BYTES,
+        64 * 1024,
+        1024 * 1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_bool_guc(
+        c"outbox.publish_replicated",
+        c"Publish events that arrive in outbox.events by logical replication.",
+        c"Off: a subscriber does not publish again what its publisher publishes. Turn it on where the subscriber takes over publishing (blue/green switch-over).",
+        &PUBLISH_REPLICATED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"outbox.retry_backoff_max",
         c"Upper bound of the retry delay.",
         c"",
@@ -236,13 +297,46 @@ pub fn brokers() -> String {
     string(&BROKERS)
 }
 
-/// True when `outbox.message_format = cloudevents`.
-pub fn cloudevents() -> bool {
-    string(&MESSAGE_FORMAT) == "cloudevents"
+/// The message format in force; `database` names the default CloudEvents source.
+pub fn message_format(database: &str) -> MessageFormat {
+    if string(&MESSAGE_FORMAT) != "cloudevents" {
+        return MessageFormat::Raw;
+    }
+    let source = string(&CLOUDEVENTS_SOURCE);
+    MessageFormat::CloudEvents {
+        source: if source.is_empty() {
+            format!("/outbox_pg/{database}")
+        } else {
+            source
+        },
+    }
 }
 
-pub fn cloudevents_source() -> String {
-    string(&CLOUDEVENTS_SOURCE)
+/// The parsed `outbox.allowed_topics`; the check hook guarantees it parses.
+pub fn allowed_topics() -> AllowedTopics {
+    AllowedTopics::parse(&string(&ALLOWED_TOPICS))
+        .unwrap_or_else(|_| AllowedTopics::parse("*").expect("* parses"))
+}
+
+/// True when `outbox.dead_events = hold`: a dead event holds back its topic and key.
+pub fn dead_events_hold() -> bool {
+    string(&DEAD_EVENTS) == "hold"
+}
+
+/// How emit() writes its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectInsert {
+    Auto,
+    On,
+    Off,
+}
+
+pub fn direct_insert() -> DirectInsert {
+    match string(&DIRECT_INSERT).as_str() {
+        "on" => DirectInsert::On,
+        "off" => DirectInsert::Off,
+        _ => DirectInsert::Auto,
+    }
 }
 
 /// The session's trace context, if set.
@@ -320,3 +414,18 @@ string_check_hook!(check_traceparent, |v| if v.is_empty() {
     validate::traceparent(v)
 });
 string_check_hook!(check_message_format, validate::message_format);
+string_check_hook!(check_allowed_topics, |v| AllowedTopics::parse(v).map(drop));
+string_check_hook!(check_dead_events, |v| match v {
+    "skip" | "hold" => Ok(()),
+    other => Err(format!(
+        "\"{}\" is not a dead-event policy: use skip or hold",
+        other.escape_default()
+    )),
+});
+string_check_hook!(check_direct_insert, |v| match v {
+    "auto" | "on" | "off" => Ok(()),
+    other => Err(format!(
+        "\"{}\" is not valid: use auto, on or off",
+        other.escape_default()
+    )),
+});

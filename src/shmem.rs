@@ -1,6 +1,12 @@
 //! The shared-memory table of database workers: which worker serves which database, its latch
 //! (so committing backends can wake it) and its state (for operators).
 //!
+//! Ownership of a slot is what makes a process the one publisher of a database; SQL roles cannot
+//! take it (unlike an advisory lock). The launcher assigns a free slot with a new generation and
+//! starts a worker with that ticket; the worker owns the slot only if the generation still
+//! matches and nobody owns it, and gives it up when it exits. The launcher never reassigns a slot
+//! that has an owner, so two processes never write one slot's counters.
+//!
 //! Exists only when the library is in `shared_preload_libraries`; elsewhere [`slots`] is empty and
 //! every caller degrades to polling.
 
@@ -26,10 +32,13 @@ pub enum WorkerState {
     Idle = 3,
     Publishing = 4,
     BrokerUnreachable = 5,
-    /// Another worker already publishes this database.
-    Standby = 6,
     /// `outbox.pause()` is in effect.
     Paused = 7,
+    /// The database refuses writes (default_transaction_read_only): nothing is sent until it
+    /// can record what it sent.
+    ReadOnly = 8,
+    /// The producer settings do not work; nothing is sent until they are fixed.
+    Misconfigured = 9,
 }
 
 impl WorkerState {
@@ -40,8 +49,9 @@ impl WorkerState {
             Self::Idle,
             Self::Publishing,
             Self::BrokerUnreachable,
-            Self::Standby,
             Self::Paused,
+            Self::ReadOnly,
+            Self::Misconfigured,
         ]
         .into_iter()
         .find(|s| *s as u32 == value)
@@ -55,8 +65,9 @@ impl WorkerState {
             Self::Idle => "idle",
             Self::Publishing => "publishing",
             Self::BrokerUnreachable => "broker unreachable",
-            Self::Standby => "standby",
             Self::Paused => "paused",
+            Self::ReadOnly => "read-only",
+            Self::Misconfigured => "misconfigured",
         }
     }
 }
@@ -71,7 +82,11 @@ const RATE_WINDOW_S: usize = 60;
 pub struct WorkerSlot {
     /// The database served; `InvalidOid` (0) when the slot is free. Written by the launcher.
     database: AtomicU32,
-    /// The worker's pid, 0 while it is not running. Written by the worker.
+    /// Bumped by the launcher at every assignment; a worker's ticket carries the one it was
+    /// started for.
+    generation: AtomicU64,
+    /// The owning worker's pid, 0 while none owns it. Taken by a worker (compare-and-swap from
+    /// 0), cleared by it at exit.
     pid: AtomicI32,
     /// The worker's process latch, null while it is not running. Written by the worker.
     latch: AtomicPtr<pg_sys::Latch>,
@@ -134,8 +149,11 @@ impl WorkerSlot {
         self.state.store(state as u32, Ordering::Release);
     }
 
-    /// Launcher: reserve this slot for a database; its report starts empty.
-    pub fn assign(&self, database: pg_sys::Oid) {
+    /// Launcher: reserve this (unowned) slot for a database; its report starts empty. Returns
+    /// the ticket a worker needs to own it.
+    pub fn assign(&self, index: usize, database: pg_sys::Oid) -> Ticket {
+        debug_assert_eq!(self.pid(), 0, "the launcher assigns only unowned slots");
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.set_state(WorkerState::Starting);
         self.wakeups.store(0, Ordering::Relaxed);
         for (count, second) in self.per_second.iter().zip(&self.second) {
@@ -148,13 +166,13 @@ impl WorkerSlot {
         self.last_error_us.store(0, Ordering::Relaxed);
         self.error_len.store(0, Ordering::Relaxed);
         self.database.store(database.to_u32(), Ordering::Release);
+        Ticket { index, generation }
     }
 
-    /// Launcher: the worker is gone for good; free the slot.
+    /// Launcher: no worker will serve this slot any more; free it. Only for unowned slots.
     pub fn release(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.database.store(0, Ordering::Release);
-        self.pid.store(0, Ordering::Release);
-        self.latch.store(ptr::null_mut(), Ordering::Release);
         self.state.store(0, Ordering::Release);
     }
 
@@ -235,27 +253,38 @@ impl WorkerSlot {
         }
     }
 
-    /// Worker: announce this process as the slot's worker, so commits can wake it.
-    pub fn attach_current_process(&self) {
-        // SAFETY: a background worker with shared-memory access has a valid MyProc and MyProcPid.
-        unsafe {
-            self.latch
-                .store(&raw mut (*pg_sys::MyProc).procLatch, Ordering::Release);
-            self.pid.store(pg_sys::MyProcPid, Ordering::Release);
+    /// Worker: takes the slot `ticket` names, if the ticket is still current and no process
+    /// owns it, and announces this process's latch so commits can wake it.
+    fn own(&self, ticket: Ticket) -> bool {
+        // SAFETY: reading this process's pid.
+        let me = unsafe { pg_sys::MyProcPid };
+        if self.generation.load(Ordering::Acquire) != ticket.generation
+            || self
+                .pid
+                .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return false;
         }
+        // The launcher may have moved on between the two checks: give the slot back then.
+        if self.generation.load(Ordering::Acquire) != ticket.generation {
+            self.pid.store(0, Ordering::Release);
+            return false;
+        }
+        // SAFETY: a background worker with shared-memory access has a valid MyProc.
+        let latch = unsafe { &raw mut (*pg_sys::MyProc).procLatch };
+        self.latch.store(latch, Ordering::Release);
+        true
     }
 
     /// Worker: leaving; commits must no longer touch this process's latch. Only if the slot is
-    /// still ours: a restarted launcher may already have handed it to a new worker.
-    pub fn detach_current_process(&self) {
+    /// ours.
+    pub fn disown(&self) {
         // SAFETY: reading this process's pid.
         let me = unsafe { pg_sys::MyProcPid };
-        if self
-            .pid
-            .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if self.pid.load(Ordering::Acquire) == me {
             self.latch.store(ptr::null_mut(), Ordering::Release);
+            self.pid.store(0, Ordering::Release);
         }
     }
 
@@ -344,4 +373,56 @@ pub fn slots() -> &'static [WorkerSlot] {
 /// The slot of the worker serving `database`, if one is assigned.
 pub fn slot_for(database: pg_sys::Oid) -> Option<&'static WorkerSlot> {
     slots().iter().find(|s| s.database() == database)
+}
+
+/// What the launcher hands a worker it starts: a slot and the generation it was assigned with.
+/// Travels as the worker's `Datum` argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub index: usize,
+    generation: u64,
+}
+
+/// Slot indexes fit in the low byte of a ticket (MAX_DATABASES <= 256).
+const INDEX_BITS: u32 = 8;
+
+impl Ticket {
+    pub fn to_datum(self) -> pg_sys::Datum {
+        pg_sys::Datum::from((self.generation << INDEX_BITS) | self.index as u64)
+    }
+
+    pub fn from_datum(datum: pg_sys::Datum) -> Self {
+        let value = datum.value() as u64;
+        Ticket {
+            index: (value & ((1 << INDEX_BITS) - 1)) as usize,
+            generation: value >> INDEX_BITS,
+        }
+    }
+}
+
+/// Worker: owns the slot of `ticket` for this process, unless the ticket is stale, another
+/// process owns the slot, or another owned slot already serves the same database. The slot is
+/// given back when the process exits.
+pub fn own(ticket: Ticket) -> Option<&'static WorkerSlot> {
+    let slot = slots().get(ticket.index)?;
+    let database = slot.database();
+    let rival = slots()
+        .iter()
+        .enumerate()
+        .any(|(i, other)| i != ticket.index && other.database() == database && other.pid() != 0);
+    if rival || !slot.own(ticket) {
+        return None;
+    }
+    // SAFETY: registering an exit callback is allowed any time in a backend; it only stores
+    // atomics in shared memory.
+    unsafe { pg_sys::before_shmem_exit(Some(disown_at_exit), pg_sys::Datum::from(ticket.index)) };
+    Some(slot)
+}
+
+/// `before_shmem_exit` callback: runs in the exiting worker, before shared memory detaches.
+#[pg_guard]
+unsafe extern "C-unwind" fn disown_at_exit(_code: i32, index: pg_sys::Datum) {
+    if let Some(slot) = slots().get(index.value()) {
+        slot.disown();
+    }
 }

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::shared;
+use crate::shmem;
 
 /// Set by emit() in this backend, consumed by the commit callback.
 static EMITTED_IN_TRANSACTION: AtomicBool = AtomicBool::new(false);
@@ -107,7 +107,7 @@ unsafe extern "C-unwind" fn on_transaction_event(
         {
             // SAFETY: MyDatabaseId is set for the whole life of a connected backend.
             let database = unsafe { pg_sys::MyDatabaseId };
-            if let Some(slot) = shared::slot_for(database) {
+            if let Some(slot) = shmem::slot_for(database) {
                 slot.wake();
             }
         }
@@ -126,7 +126,7 @@ pub fn wake_now() -> bool {
     note_emitted();
     // SAFETY: MyDatabaseId is set for the whole life of a connected backend.
     let database = unsafe { pg_sys::MyDatabaseId };
-    match shared::slot_for(database) {
+    match shmem::slot_for(database) {
         Some(slot) if slot.pid() != 0 => {
             slot.wake();
             true

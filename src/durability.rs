@@ -1,0 +1,33 @@
+//! Publishing only what the database keeps.
+//!
+//! A committed transaction is visible before its commit record is flushed when
+//! `synchronous_commit` is off (or `local`, for the standbys), and a synchronous commit whose
+//! wait for the standbys was cancelled is visible before they have it. Publishing such an event
+//! and then crashing, or failing over, would leave Kafka with an event whose transaction never
+//! happened. So before the worker hands a claimed batch to the producer, it flushes the WAL up to
+//! the point where the claim's snapshot was taken (one flush per batch, not per event; free when
+//! commits were flushed already) and, when `synchronous_standby_names` is set, waits until the
+//! synchronous standbys have it too.
+//!
+//! What remains: a promoted *asynchronous* standby may lack what was published (it may lack the
+//! commits themselves).
+
+use pgrx::pg_sys;
+
+use crate::process;
+
+/// Waits until the WAL up to `lsn` is flushed here and, with synchronous replication
+/// configured, flushed by the synchronous standbys. A stop request ends the standby wait early
+/// (the caller then must not publish).
+pub fn wait_until_durable(lsn: pg_sys::XLogRecPtr) {
+    // SAFETY: XLogFlush may be called by any backend outside a critical section; `lsn` is at or
+    // before the current insert position.
+    unsafe { pg_sys::XLogFlush(lsn) };
+    // SyncRepWaitForLSN expects interrupts held (it watches for a stop request itself, and
+    // returns early when one arrives). It returns at once without synchronous standbys.
+    process::with_interrupts_held(|| {
+        // SAFETY: the worker's main thread, outside a transaction commit; the worker session
+        // pins synchronous_commit = on, so the wait applies whenever standbys are configured.
+        unsafe { pg_sys::SyncRepWaitForLSN(lsn, false) }
+    });
+}

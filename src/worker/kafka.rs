@@ -1,0 +1,454 @@
+//! The producer as a round uses it: ship a batch in emission order, wait for its outcomes
+//! without ever ignoring a signal, send again what was not delivered, and replace a producer
+//! that stopped or whose settings changed. Also the broker's health as operators see it.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use outbox_pg_core::envelope::MessageFormat;
+use outbox_pg_core::event::Outcome;
+use outbox_pg_core::ordering::{settle, Disposition, Settlement, Shipment};
+use outbox_pg_core::producer::{
+    NotSent, ProducerSettings, Publisher, Report, TopicCreation, TopicReadiness,
+};
+use outbox_pg_core::validate::{self, AllowedTopics};
+use pgrx::prelude::*;
+
+use crate::shmem::{Connectivity, WorkerSlot, WorkerState};
+use crate::{guc, process};
+
+/// How long one wait for reports lasts before signals and deadlines are looked at again.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+/// On a stop request, in-flight messages get this long to be acknowledged before they are
+/// withdrawn (a stop takes effect within two seconds).
+const STOP_GRACE: Duration = Duration::from_millis(700);
+/// Withdrawn messages are reported at once; if some are not within this, they are given up on
+/// (and the producer is replaced, so their late reports cannot be mistaken for new ones).
+const WITHDRAW_GRACE: Duration = Duration::from_millis(800);
+/// With messages in flight and no report at all for this long, the producer is replaced.
+/// librdkafka can stay stuck where a new producer is not, e.g. retrying with a producer id that
+/// a broker restarted without its state no longer knows.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a topic check may take.
+const TOPIC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between passes that delivered nothing (a broker refusing everything), growing.
+const RESEND_PAUSE_MIN: Duration = Duration::from_millis(50);
+const RESEND_PAUSE_MAX: Duration = Duration::from_secs(2);
+/// Minimum spacing of repeated broker-error log lines.
+const BROKER_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What shapes the messages of a batch, read from the settings when the round starts.
+pub struct Shipping {
+    pub prefix: String,
+    pub format: MessageFormat,
+    pub allowed: AllowedTopics,
+    pub creation: Option<TopicCreation>,
+    /// `outbox.delivery_timeout`; None waits indefinitely.
+    pub delivery_timeout: Option<Duration>,
+}
+
+impl Shipping {
+    pub fn current(database: &str) -> Shipping {
+        let timeout = guc::DELIVERY_TIMEOUT_MS.get();
+        Shipping {
+            prefix: guc::topic_prefix(),
+            format: guc::message_format(database),
+            allowed: guc::allowed_topics(),
+            creation: guc::AUTO_CREATE_TOPICS.get().then(|| TopicCreation {
+                partitions: guc::TOPIC_PARTITIONS.get(),
+                replication: guc::TOPIC_REPLICATION.get(),
+            }),
+            delivery_timeout: (timeout > 0).then(|| Duration::from_millis(timeout as u64)),
+        }
+    }
+}
+
+pub struct Kafka {
+    publisher: Publisher,
+    /// The producer stopped (fatal error) or messages were given up on: replace it before the
+    /// next send.
+    replace: bool,
+    health: BrokerHealth,
+    slot: &'static WorkerSlot,
+}
+
+/// The producer settings in force.
+pub fn current_settings() -> ProducerSettings {
+    ProducerSettings {
+        brokers: guc::brokers(),
+        properties: guc::kafka_properties(),
+        max_message_bytes: guc::MAX_MESSAGE_SIZE.get(),
+    }
+}
+
+impl Kafka {
+    /// A producer from the current settings, or librdkafka's complaint about them.
+    pub fn new(slot: &'static WorkerSlot) -> Result<Kafka, String> {
+        let publisher = Publisher::new(current_settings())?;
+        Ok(Kafka {
+            publisher,
+            replace: false,
+            health: BrokerHealth::default(),
+            slot,
+        })
+    }
+
+    /// True if the producer works: not stopped, and built from the settings in force.
+    pub fn usable(&self) -> bool {
+        !self.replace && *self.publisher.settings() == current_settings()
+    }
+
+    /// Replaces the producer if it stopped or the settings changed. If the new settings do not
+    /// work, the error is logged and the previous producer stays (false if that one stopped).
+    pub fn refresh(&mut self) -> bool {
+        if self.usable() {
+            return true;
+        }
+        match Publisher::new(current_settings()) {
+            Ok(publisher) => {
+                self.publisher = publisher;
+                self.replace = false;
+                log!("outbox_pg: Kafka producer reconfigured");
+                true
+            }
+            Err(error) => {
+                let keeping = if self.replace {
+                    "not publishing until it is fixed"
+                } else {
+                    "keeping the previous configuration"
+                };
+                pgrx::ereport!(
+                    PgLogLevel::LOG,
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("outbox_pg: invalid Kafka producer configuration, {keeping}: {error}"),
+                    "Check outbox.brokers and outbox.kafka_config, then SELECT pg_reload_conf()."
+                );
+                self.health.unreachable_because(self.slot, &error);
+                !self.replace
+            }
+        }
+    }
+
+    /// Sends every shipment (in order) and waits for the outcomes. What was not delivered and
+    /// has nothing failed before it in its topic and key is sent again, in order, until every
+    /// shipment is settled or a stop is requested.
+    pub fn ship(&mut self, shipments: &mut [Shipment], how: &Shipping) -> Settlement {
+        let mut pause = RESEND_PAUSE_MIN;
+        loop {
+            let pending: Vec<usize> = (0..shipments.len())
+                .filter(|&i| shipments[i].outcome.is_none())
+                .collect();
+            let missing = self.missing_topics(shipments, &pending, how);
+            let sent = self.send_in_order(shipments, &pending, how, &missing);
+            self.await_outcomes(shipments, sent, how);
+            let settlement = settle(shipments);
+            let again: Vec<usize> = (0..shipments.len())
+                .filter(|&i| settlement.dispositions[i] == Disposition::SendAgain)
+                .collect();
+            if again.is_empty() || process::stop_requested() {
+                return settlement;
+            }
+            let delivered_any = pending
+                .iter()
+                .any(|&i| matches!(shipments[i].outcome, Some(Outcome::Published { .. })));
+            if self.publisher.fatal_error().is_some() {
+                self.replace = true;
+            }
+            if !self.refresh() {
+                return settlement; // no working producer: the rest waits for the settings
+            }
+            if !delivered_any {
+                process::wait(pause, None);
+                pause = (pause * 2).min(RESEND_PAUSE_MAX);
+                if process::stop_requested() {
+                    return settlement;
+                }
+            }
+            for i in again {
+                shipments[i].outcome = None;
+            }
+        }
+    }
+
+    /// Why events of some topics cannot be sent: not a valid name, not allowed, or missing
+    /// (asked once per batch for the topics the broker has not confirmed yet).
+    fn missing_topics(
+        &mut self,
+        shipments: &[Shipment],
+        pending: &[usize],
+        how: &Shipping,
+    ) -> HashMap<String, String> {
+        let mut refused = HashMap::new();
+        let mut to_check = HashSet::new();
+        for &i in pending {
+            let topic = format!("{}{}", how.prefix, shipments[i].event.topic);
+            if refused.contains_key(&topic) || to_check.contains(&topic) {
+                continue;
+            }
+            if let Err(reason) = validate::topic_name(&topic) {
+                refused.insert(topic, reason);
+            } else if !how.allowed.allows(&topic) {
+                refused.insert(
+                    topic.clone(),
+                    format!("topic \"{topic}\" is not in outbox.allowed_topics"),
+                );
+            } else {
+                to_check.insert(topic);
+            }
+        }
+        let unconfirmed = self.publisher.unconfirmed(to_check);
+        if unconfirmed.is_empty() {
+            return refused;
+        }
+        let pending = self
+            .publisher
+            .ensure_topics(unconfirmed, how.creation, TOPIC_TIMEOUT);
+        let deadline = Instant::now() + TOPIC_TIMEOUT * 3;
+        let answer = loop {
+            self.publisher.arm_wakeup();
+            if let Some(answer) = pending.try_take() {
+                break Some(answer);
+            }
+            if process::stop_requested() || Instant::now() >= deadline {
+                break None;
+            }
+            process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
+            self.drain_reports(None);
+        };
+        match answer {
+            Some(TopicReadiness::Known(states)) => {
+                for (topic, state) in states {
+                    if let Err(reason) = state {
+                        if how.creation.is_some() {
+                            log!("outbox_pg: {reason}");
+                        }
+                        refused.insert(topic, reason);
+                    } else if how.creation.is_some() {
+                        log!("outbox_pg: topic \"{topic}\" is ready");
+                    }
+                }
+            }
+            // No answer: the broker is away; the messages wait for it in the producer.
+            Some(TopicReadiness::NoAnswer(_)) | None => {}
+        }
+        refused
+    }
+
+    /// Hands the pending shipments to the producer in order; a topic and key whose event is
+    /// refused on the spot sends nothing more. Returns how many were handed over.
+    fn send_in_order(
+        &mut self,
+        shipments: &mut [Shipment],
+        pending: &[usize],
+        how: &Shipping,
+        refused: &HashMap<String, String>,
+    ) -> usize {
+        let mut stopped: HashSet<(String, String)> = HashSet::new();
+        let mut sent = 0;
+        for &i in pending {
+            let key = {
+                let (topic, key) = shipments[i].event.order_key();
+                (topic.to_string(), key.to_string())
+            };
+            if stopped.contains(&key) {
+                continue;
+            }
+            let topic = format!("{}{}", how.prefix, shipments[i].event.topic);
+            if let Some(reason) = refused.get(&topic) {
+                shipments[i].outcome = Some(Outcome::Refused {
+                    error: reason.clone(),
+                });
+                stopped.insert(key);
+                continue;
+            }
+            loop {
+                match self
+                    .publisher
+                    .send(i, &shipments[i].event, &topic, &how.format)
+                {
+                    Ok(()) => {
+                        sent += 1;
+                        break;
+                    }
+                    Err(NotSent::QueueFull) if !process::stop_requested() => {
+                        // librdkafka's queue is full: let reports drain it.
+                        self.publisher.arm_wakeup();
+                        process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
+                        sent -= self.drain_reports(Some(shipments)).min(sent);
+                    }
+                    Err(NotSent::QueueFull) => {
+                        shipments[i].outcome = Some(Outcome::Undelivered {
+                            error: "the worker is stopping".into(),
+                        });
+                        stopped.insert(key);
+                        break;
+                    }
+                    Err(NotSent::Refused(outcome)) => {
+                        shipments[i].outcome = Some(outcome);
+                        stopped.insert(key);
+                        break;
+                    }
+                }
+            }
+        }
+        sent
+    }
+
+    /// Waits until `sent` more shipments have outcomes. Signals are obeyed at every step: a
+    /// stop gives in-flight messages STOP_GRACE, then withdraws them; a settings change, a
+    /// stopped producer, `outbox.delivery_timeout` or a stall withdraw them too.
+    fn await_outcomes(&mut self, shipments: &mut [Shipment], sent: usize, how: &Shipping) {
+        let mut awaiting = sent;
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let mut withdrawn_at: Option<Instant> = None;
+        let mut stop_seen_at: Option<Instant> = None;
+        while awaiting > 0 {
+            let reported = self.drain_reports(Some(shipments));
+            if reported > 0 {
+                last_report = Instant::now();
+                awaiting -= reported.min(awaiting);
+                continue;
+            }
+            let now = Instant::now();
+            let reason = if process::stop_requested() {
+                let seen = *stop_seen_at.get_or_insert(now);
+                (now >= seen + STOP_GRACE).then_some("the worker is stopping")
+            } else if *self.publisher.settings() != current_settings() {
+                Some("the producer settings changed")
+            } else if self.publisher.fatal_error().is_some() {
+                Some("the producer stopped")
+            } else if how.delivery_timeout.is_some_and(|t| now >= started + t) {
+                Some("outbox.delivery_timeout passed")
+            } else if now >= last_report + STALL_TIMEOUT {
+                Some("the producer stalled")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                match withdrawn_at {
+                    None => {
+                        if reason == "the producer stalled" {
+                            warning!(
+                                "outbox_pg: no delivery report for {}s with {awaiting} events in flight; replacing the Kafka producer",
+                                STALL_TIMEOUT.as_secs()
+                            );
+                            self.replace = true;
+                        }
+                        self.publisher.withdraw_all();
+                        withdrawn_at = Some(now);
+                    }
+                    Some(at) if now >= at + WITHDRAW_GRACE => {
+                        // Reports that never came: give up on them, and on this producer.
+                        for shipment in shipments.iter_mut() {
+                            if shipment.outcome.is_none() {
+                                shipment.outcome = Some(Outcome::Undelivered {
+                                    error: format!("withdrawn: {reason}"),
+                                });
+                            }
+                        }
+                        self.replace = true;
+                        return;
+                    }
+                    Some(_) => {}
+                }
+            }
+            self.publisher.arm_wakeup();
+            if !self.publisher.reports().is_empty() {
+                continue;
+            }
+            process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
+        }
+    }
+
+    /// Handles every report waiting in the channel; delivery reports go to `shipments`.
+    /// Returns how many delivery reports were taken.
+    pub fn drain_reports(&mut self, mut shipments: Option<&mut [Shipment]>) -> usize {
+        let mut delivered = 0;
+        let reports: Vec<Report> = self.publisher.reports().try_iter().collect();
+        for report in reports {
+            match report {
+                Report::Delivered { index, outcome } => {
+                    if outcome.is_published() {
+                        self.health.reachable(self.slot);
+                    }
+                    if let Some(shipment) = shipments.as_deref_mut().and_then(|s| s.get_mut(index))
+                    {
+                        if shipment.outcome.is_none() {
+                            shipment.outcome = Some(outcome);
+                            delivered += 1;
+                        }
+                    }
+                }
+                Report::ClientError { fatal, message } => {
+                    self.health.unreachable_because(self.slot, &message);
+                    if fatal {
+                        warning!("outbox_pg: the Kafka producer stopped, replacing it: {message}");
+                        self.replace = true;
+                    }
+                }
+                Report::Log { message } => log!("outbox_pg: librdkafka: {message}"),
+            }
+        }
+        delivered
+    }
+
+    /// Waits up to `timeout` for a commit, a signal or a producer report (broker errors are
+    /// logged as they come).
+    pub fn idle(&mut self, timeout: Duration) {
+        self.publisher.arm_wakeup();
+        if self.publisher.reports().is_empty() {
+            process::wait(timeout, Some(self.publisher.wake_fd()));
+        }
+        self.drain_reports(None);
+    }
+
+    pub fn broker_unreachable(&self) -> bool {
+        self.health.unreachable()
+    }
+}
+
+/// Whether the broker answers, for operators: logged on change (and at most once a minute while
+/// it stays down), and shown as the worker's state.
+#[derive(Default)]
+struct BrokerHealth {
+    down_since: Option<Instant>,
+    last_logged: Option<Instant>,
+}
+
+impl BrokerHealth {
+    fn unreachable(&self) -> bool {
+        self.down_since.is_some()
+    }
+
+    fn unreachable_because(&mut self, slot: &WorkerSlot, error: &str) {
+        slot.set_state(WorkerState::BrokerUnreachable);
+        slot.set_broker(Connectivity::Unreachable);
+        slot.record_error(error);
+        self.down_since.get_or_insert_with(Instant::now);
+        if self
+            .last_logged
+            .is_none_or(|t| t.elapsed() >= BROKER_LOG_INTERVAL)
+        {
+            pgrx::ereport!(
+                PgLogLevel::WARNING,
+                PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+                format!("outbox_pg: Kafka broker problem: {error}"),
+                "Events stay in outbox.events and are published in order once the broker answers."
+            );
+            self.last_logged = Some(Instant::now());
+        }
+    }
+
+    fn reachable(&mut self, slot: &WorkerSlot) {
+        slot.set_broker(Connectivity::Connected);
+        if let Some(since) = self.down_since.take() {
+            log!(
+                "outbox_pg: Kafka broker reachable again after {:.1}s",
+                since.elapsed().as_secs_f64()
+            );
+            self.last_logged = None;
+            slot.set_state(WorkerState::Publishing);
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The database worker: one per published database, started by the launcher.
+//!
+//! This module is the process shell: connect, own the database's slot, pin the session, wait
+//! until the extension is ready and the producer works, then run publishing rounds
+//! ([`round`]), expire history ([`retention`]) and sleep only when idle, until a commit wakes
+//! the worker or `outbox.poll_interval` passes. Every wait obeys SIGTERM, SIGHUP and
+//! postmaster death.
+//!
+//! Only this thread calls Postgres. librdkafka reports reach it as plain data ([`kafka`]).
+
+mod kafka;
+mod queue;
+mod retention;
+mod round;
+mod spi;
+
+use std::time::Duration;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::shmem::{self, Ticket, WorkerSlot, WorkerState};
+use crate::{guc, process};
+use kafka::Kafka;
+use queue::Queue;
+use round::{Publishing, RoundEnd};
+
+/// Background worker entry point; `arg` is the ticket the launcher issued.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
+    let ticket = Ticket::from_datum(arg);
+    process::install_signal_handlers();
+    let Some(database) = shmem::slots().get(ticket.index).map(WorkerSlot::database) else {
+        pgrx::error!(
+            "outbox_pg worker started with an invalid slot {}",
+            ticket.index
+        );
+    };
+    // SAFETY: a background worker with shared-memory access connects once, before any
+    // transaction; InvalidOid: the bootstrap superuser.
+    unsafe { pg_sys::BackgroundWorkerInitializeConnectionByOid(database, pg_sys::InvalidOid, 0) };
+    let Some(slot) = shmem::own(ticket) else {
+        log!("outbox_pg: another worker already publishes this database; exiting");
+        return;
+    };
+    process::pin_session_settings();
+    let name = database_name();
+    let Some(mut publishing) = wait_until_ready(slot, &name) else {
+        return;
+    };
+    log!("outbox_pg: publishing database \"{name}\"");
+    run(&mut publishing);
+    log!("outbox_pg: worker for database \"{name}\" stopped");
+}
+
+/// Rounds until a stop is requested.
+fn run(publishing: &mut Publishing) {
+    while !process::stop_requested() {
+        process::exit_if_postmaster_died();
+        process::serve_interrupts();
+        process::reload_if_requested();
+        if !publishing.kafka().refresh() {
+            publishing.idle(poll_interval());
+            continue;
+        }
+        let end = publishing.round();
+        let more_history = !process::stop_requested() && publishing.expire();
+        if end != RoundEnd::More && !more_history {
+            publishing.idle(poll_interval());
+        }
+    }
+}
+
+/// Waits until the server is a primary, the extension is installed at this library's version
+/// and the producer settings work; None if asked to stop first.
+fn wait_until_ready(slot: &'static WorkerSlot, database: &str) -> Option<Publishing> {
+    let library = env!("CARGO_PKG_VERSION");
+    let mut reported: Option<String> = None;
+    let mut note = |state: WorkerState, why: &str| {
+        slot.set_state(state);
+        if reported.as_deref() != Some(why) {
+            log!("outbox_pg: waiting in database \"{database}\": {why}");
+            reported = Some(why.to_string());
+        }
+    };
+    loop {
+        if process::stop_requested() {
+            return None;
+        }
+        // SAFETY: reading a backend-global flag.
+        if unsafe { pg_sys::RecoveryInProgress() } {
+            note(
+                WorkerState::WaitingForExtension,
+                "the server is in recovery (standby)",
+            );
+        } else {
+            let installed =
+                process::in_transaction("outbox_pg: checking extension", installed_version);
+            match installed.as_deref() {
+                Some(v) if v == library => match Kafka::new(slot) {
+                    Ok(kafka) => {
+                        let queue = process::in_transaction("outbox_pg: preparing", Queue::prepare);
+                        return Some(Publishing::new(slot, database.to_string(), queue, kafka));
+                    }
+                    Err(error) => {
+                        slot.record_error(&error);
+                        note(
+                            WorkerState::Misconfigured,
+                            &format!("the Kafka producer settings do not work: {error}"),
+                        );
+                    }
+                },
+                Some(v) => note(
+                    WorkerState::WaitingForExtension,
+                    &format!("extension version {v} is installed but the library is {library}; run ALTER EXTENSION outbox_pg UPDATE"),
+                ),
+                None => note(
+                    WorkerState::WaitingForExtension,
+                    "the extension is not installed (CREATE EXTENSION outbox_pg)",
+                ),
+            }
+        }
+        process::wait(poll_interval(), None);
+    }
+}
+
+/// The installed version of the extension in this database, if installed.
+fn installed_version() -> Option<String> {
+    Spi::get_one::<String>(
+        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'outbox_pg'",
+    )
+    .ok()
+    .flatten()
+}
+
+fn database_name() -> String {
+    // SAFETY: MyDatabaseId is set once connected; the name is a palloc'd copy, read inside a
+    // transaction (a catalog lookup).
+    process::in_transaction("outbox_pg: starting", || unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    })
+}
+
+fn poll_interval() -> Duration {
+    Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(1) as u64)
+}

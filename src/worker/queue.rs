@@ -1,0 +1,882 @@
+//! The worker's SQL: where it stands, which committed events come next, what it records.
+//!
+//! Nothing here walks or rewrites published history. The worker's position is a pair of
+//! snapshots (see `outbox.batches`): the events of transactions that committed between them
+//! form a *window*, walked in (seq, id) order. A window's events are found through the xid index
+//! (transactions that began after the lower snapshot: a range; those that were running then: a
+//! short list) and the (seq, id) index, never through rows published before. Outcomes are
+//! inserted (a receipt row per batch, parked rows for failures), never updated into event rows,
+//! so publishing leaves no dead tuples an old snapshot could pin.
+//!
+//! Nothing here knows about Kafka: it hands out [`Event`]s and records dispositions.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outbox_pg_core::event::{Event, Seq, Timestamp};
+use pgrx::pg_sys;
+
+use super::spi::{self, Arg, Plan, Rows};
+use crate::encoding;
+
+/// A snapshot as `pg_snapshot` writes it: `xmin:xmax:xip1,xip2,...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub xmin: u64,
+    pub xmax: u64,
+    pub xip: Vec<u64>,
+}
+
+impl Snapshot {
+    pub fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        Some(Snapshot { xmin, xmax, xip })
+    }
+
+    pub fn text(&self) -> String {
+        let xip: Vec<String> = self.xip.iter().map(u64::to_string).collect();
+        format!("{}:{}:{}", self.xmin, self.xmax, xip.join(","))
+    }
+}
+
+/// A position in (seq, id) order.
+pub type Key = (Seq, uuid::Uuid);
+
+/// Where the worker stands: every event of a transaction visible in `below` has been handled;
+/// `window` is the batch of transactions being walked, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub below: Snapshot,
+    pub window: Option<Window>,
+}
+
+/// The events of the transactions visible in `upto` but not in `below`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub upto: Snapshot,
+    /// Transactions running at `below` that finished by `upto`: their events are walked by xid.
+    pub late: Vec<u64>,
+    /// The highest seq of the other transactions' events; None if they wrote none.
+    pub range_last: Option<Seq>,
+    /// Walked up to here (exclusive of what follows).
+    pub range_after: Key,
+    pub late_after: Key,
+}
+
+/// Before every (seq, id) key; after every key is `(last, MAX)`.
+const BEFORE_ALL: Key = (i64::MIN, uuid::Uuid::nil());
+const UUID_MAX: uuid::Uuid = uuid::Uuid::max();
+
+/// How much one round claims.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub events: usize,
+    pub bytes: usize,
+    /// Failed events retried (each sent alone) per round.
+    pub retries: usize,
+}
+
+/// An event the worker claimed, and whether it came from outbox.parked.
+#[derive(Debug)]
+pub struct Claimed {
+    pub event: Event,
+    pub parked: bool,
+}
+
+/// A row the worker cannot turn into a message (not UTF-8, headers that are not strings...): it
+/// is dead-lettered with the reason instead of stopping the worker.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub id: uuid::Uuid,
+    pub parked: bool,
+    pub reason: String,
+}
+
+/// What one claim found.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// Failed events due for a retry, each to be sent alone.
+    pub singles: Vec<Claimed>,
+    /// Events sent together, in emission order per topic and key: parked events released
+    /// behind a published one, then new events.
+    pub group: Vec<Claimed>,
+    /// New events of a topic and key that has parked events: they wait behind those, unsent.
+    pub held: Vec<uuid::Uuid>,
+    pub unreadable: Vec<Unreadable>,
+    /// The position once this claim is recorded (None: unchanged).
+    pub next: Option<Position>,
+    /// More work is known to be waiting.
+    pub more: bool,
+}
+
+/// An event's fate, as the worker records it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// Published at this partition and offset.
+    Published {
+        partition: i32,
+        offset: i64,
+    },
+    /// Retry after `delay` (a failure, or a send interrupted by shutdown), with this many
+    /// failed attempts.
+    Retry {
+        attempts: i32,
+        delay: Duration,
+        error: Option<String>,
+    },
+    /// Waits behind an earlier parked event of its topic and key.
+    Wait,
+    Dead {
+        attempts: i32,
+        error: String,
+    },
+    /// Nothing changes (a parked event left as it was).
+    Unchanged,
+}
+
+/// The worker's prepared statements. Plans live across transactions.
+pub struct Queue {
+    paused: Plan,
+    position: Plan,
+    current_snapshot: Plan,
+    window_range: Plan,
+    range_candidates: Plan,
+    late_candidates: Plan,
+    events_at: Plan,
+    anything_parked: Plan,
+    held_back: Plan,
+    due_heads: Plan,
+    released_behind: Plan,
+    insert_batch: Plan,
+    park: Plan,
+    unpark: Plan,
+    advance_keys: Plan,
+    expire_events: Plan,
+    expire_batches: Plan,
+}
+
+/// Columns of an event row as [`event_at`] reads them, after a leading ctid.
+const EVENT_COLUMNS: &str = "e.ctid::text, e.id, e.seq, e.event_type, e.aggregate_id, \
+     e.payload::text, e.headers::text, coalesce(e.topic, e.event_type), e.created_at, \
+     coalesce(e.message_bytes, 0)";
+
+/// A candidate: where the row is, its order key and its size.
+#[derive(Debug, Clone)]
+struct Candidate {
+    ctid: String,
+    key: Key,
+    bytes: usize,
+    /// For parked events: failed attempts so far.
+    attempts: Option<i32>,
+}
+
+impl Queue {
+    /// Prepares every statement. Inside a transaction, with the extension installed.
+    pub fn prepare() -> Queue {
+        use pg_sys::{BOOLOID, INT8OID, PG_SNAPSHOTOID, TEXTARRAYOID, UUIDOID};
+        use pg_sys::{FLOAT8ARRAYOID, INT4ARRAYOID, INT8ARRAYOID, TEXTOID, UUIDARRAYOID, XID8OID};
+        spi::connected(|| {
+            Queue {
+            paused: Plan::prepare("SELECT EXISTS (SELECT 1 FROM outbox.control)", &[]),
+            position: Plan::prepare(
+                "SELECT below::text, upto::text, range_last_seq, range_after_seq, range_after_id,
+                        late_after_seq, late_after_id
+                 FROM outbox.batches ORDER BY id DESC LIMIT 1",
+                &[],
+            ),
+            current_snapshot: Plan::prepare("SELECT pg_current_snapshot()::text", &[]),
+            // The new transactions' events of a window: an xid range, bounded on both sides.
+            window_range: Plan::prepare(
+                "SELECT min(e.seq), max(e.seq) FROM outbox.events e
+                 WHERE e.xid >= $1 AND e.xid < $2 AND pg_visible_in_snapshot(e.xid, $3)",
+                &[XID8OID, XID8OID, PG_SNAPSHOTOID],
+            ),
+            range_candidates: Plan::prepare(
+                "SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0) FROM outbox.events e
+                 WHERE (e.seq, e.id) > ($1, $2) AND e.seq <= $3
+                   AND e.xid >= $4 AND e.xid < $5 AND pg_visible_in_snapshot(e.xid, $6)
+                 ORDER BY e.seq, e.id LIMIT $7",
+                &[INT8OID, UUIDOID, INT8OID, XID8OID, XID8OID, PG_SNAPSHOTOID, INT8OID],
+            ),
+            late_candidates: Plan::prepare(
+                "SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0) FROM outbox.events e
+                 WHERE e.xid = ANY ($1::text[]::xid8[]) AND (e.seq, e.id) > ($2, $3)
+                 ORDER BY e.seq, e.id LIMIT $4",
+                &[TEXTARRAYOID, INT8OID, UUIDOID, INT8OID],
+            ),
+            events_at: Plan::prepare(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM outbox.events e WHERE e.ctid = ANY ($1::text[]::tid[])"
+                ),
+                &[TEXTARRAYOID],
+            ),
+            anything_parked: Plan::prepare(
+                "SELECT EXISTS (SELECT 1 FROM outbox.parked WHERE state <> 'dead' OR $1)",
+                &[BOOLOID],
+            ),
+            held_back: Plan::prepare(
+                "SELECT e.id FROM outbox.events e
+                 WHERE e.id = ANY ($1) AND EXISTS (
+                     SELECT 1 FROM outbox.parked p
+                     WHERE p.topic = coalesce(e.topic, e.event_type) AND p.aggregate_id = e.aggregate_id
+                       AND (p.state <> 'dead' OR $2))",
+                &[UUIDARRAYOID, BOOLOID],
+            ),
+            // The first parked event of each topic and key is the only one served.
+            due_heads: Plan::prepare(
+                "SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0), p.attempts
+                 FROM outbox.parked p JOIN outbox.events e ON e.id = p.event_id
+                 WHERE p.state = 'retrying' AND p.next_attempt_at <= clock_timestamp()
+                   AND NOT EXISTS (
+                       SELECT 1 FROM outbox.parked q
+                       WHERE q.topic = p.topic AND q.aggregate_id = p.aggregate_id AND q.seq < p.seq
+                         AND (q.state <> 'dead' OR $2))
+                 ORDER BY p.next_attempt_at, p.seq LIMIT $1",
+                &[INT8OID, BOOLOID],
+            ),
+            released_behind: Plan::prepare(
+                "SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0), p.attempts
+                 FROM outbox.parked h
+                 JOIN outbox.parked p ON p.topic = h.topic AND p.aggregate_id = h.aggregate_id
+                                     AND p.seq > h.seq AND p.state = 'waiting'
+                 JOIN outbox.events e ON e.id = p.event_id
+                 WHERE h.event_id = $1
+                 ORDER BY p.seq, p.event_id LIMIT $2",
+                &[UUIDOID, INT8OID],
+            ),
+            insert_batch: Plan::prepare(
+                "INSERT INTO outbox.batches (below, upto, range_last_seq, range_after_seq,
+                                             range_after_id, late_after_seq, late_after_id,
+                                             event_ids, partitions, offsets)
+                 VALUES ($1::pg_snapshot, $2::pg_snapshot, $3, $4, $5, $6, $7, $8, $9, $10)",
+                &[
+                    TEXTOID,
+                    TEXTOID,
+                    INT8OID,
+                    INT8OID,
+                    UUIDOID,
+                    INT8OID,
+                    UUIDOID,
+                    UUIDARRAYOID,
+                    INT4ARRAYOID,
+                    INT8ARRAYOID,
+                ],
+            ),
+            park: Plan::prepare(
+                "INSERT INTO outbox.parked (event_id, seq, topic, aggregate_id, state, attempts,
+                                            next_attempt_at, error)
+                 SELECT e.id, e.seq, coalesce(e.topic, e.event_type), e.aggregate_id, d.state,
+                        d.attempts,
+                        clock_timestamp() + d.delay_ms * interval '1 millisecond', d.error
+                 FROM unnest($1::uuid[], $2::text[], $3::int[], $4::float8[], $5::text[])
+                      AS d(id, state, attempts, delay_ms, error)
+                 JOIN outbox.events e ON e.id = d.id
+                 ON CONFLICT (event_id) DO UPDATE
+                    SET state = excluded.state, attempts = excluded.attempts,
+                        next_attempt_at = excluded.next_attempt_at,
+                        error = coalesce(excluded.error, parked.error)",
+                &[UUIDARRAYOID, TEXTARRAYOID, INT4ARRAYOID, FLOAT8ARRAYOID, TEXTARRAYOID],
+            ),
+            unpark: Plan::prepare(
+                "DELETE FROM outbox.parked WHERE event_id = ANY ($1)",
+                &[UUIDARRAYOID],
+            ),
+            advance_keys: Plan::prepare("SELECT outbox.advance_keys($1)", &[UUIDARRAYOID]),
+            // Published events (of transactions visible in $3, not parked) emitted before the
+            // cutoff id, in id order from where the last pass stopped.
+            expire_events: Plan::prepare(
+                "WITH scanned AS (
+                     SELECT e.id, (e.xid IS NULL OR pg_visible_in_snapshot(e.xid, $3)) AS handled,
+                            EXISTS (SELECT 1 FROM outbox.parked p WHERE p.event_id = e.id) AS parked
+                     FROM outbox.events e
+                     WHERE e.id > $1 AND e.id < $2
+                     ORDER BY e.id LIMIT $4),
+                 expired AS (
+                     DELETE FROM outbox.events e USING scanned s
+                     WHERE e.id = s.id AND s.handled AND NOT s.parked RETURNING e.id)
+                 SELECT s.id, s.handled FROM scanned s ORDER BY s.id",
+                &[UUIDOID, UUIDOID, PG_SNAPSHOTOID, INT8OID],
+            ),
+            expire_batches: Plan::prepare(
+                "WITH newest AS (SELECT max(id) AS id FROM outbox.batches),
+                 scanned AS (
+                     SELECT b.id FROM outbox.batches b, newest n
+                     WHERE b.id > $1 AND b.id < n.id
+                       AND b.recorded_at < clock_timestamp() - $2 * interval '1 second'
+                     ORDER BY b.id LIMIT $3)
+                 DELETE FROM outbox.batches b USING scanned s WHERE b.id = s.id RETURNING b.id",
+                &[INT8OID, INT8OID, INT8OID],
+            ),
+        }
+        })
+    }
+
+    /// True while `outbox.pause()` is in effect.
+    pub fn paused(&self) -> bool {
+        spi::connected(|| self.paused.run(&[], true).boolean(0, 1).unwrap_or(false))
+    }
+
+    /// Where the worker stands, from the newest receipt row; None if there is none (the table
+    /// was emptied by hand).
+    pub fn position(&self) -> Option<Position> {
+        spi::connected(|| {
+            let rows = self.position.run(&[], true);
+            if rows.len() == 0 {
+                return None;
+            }
+            let below = Snapshot::parse(&rows.ascii(0, 1)?)?;
+            let window = match rows.ascii(0, 2) {
+                None => None,
+                Some(upto) => {
+                    let upto = Snapshot::parse(&upto)?;
+                    let late = finished_since(&below, &upto);
+                    let key = |seq: i32, id: i32| -> Option<Key> {
+                        Some((rows.int8(0, seq)?, rows.uuid(0, id)?))
+                    };
+                    Some(Window {
+                        upto,
+                        late,
+                        range_last: rows.int8(0, 3),
+                        range_after: key(4, 5).unwrap_or(BEFORE_ALL),
+                        late_after: key(6, 7).unwrap_or(BEFORE_ALL),
+                    })
+                }
+            };
+            Some(Position { below, window })
+        })
+    }
+
+    /// Claims what one round sends: due retries and released events from outbox.parked, then
+    /// the window's next events, within `limits`. Inside the claim transaction (whose snapshot
+    /// every statement here shares: read-only statements).
+    pub fn claim(&self, position: &Position, limits: Limits, dead_holds: bool) -> Claim {
+        spi::connected(|| {
+            let mut claim = Claim::default();
+            let anything_parked = self
+                .anything_parked
+                .run(&[Arg::boolean(true)], true)
+                .boolean(0, 1)
+                .unwrap_or(false);
+            let mut budget = Budget::new(limits);
+            if anything_parked {
+                self.claim_parked(&mut claim, &mut budget, limits, dead_holds);
+            }
+            self.claim_window(&mut claim, position, &mut budget);
+            if anything_parked && !claim.group.is_empty() {
+                self.hold_back_parked_keys(&mut claim, dead_holds);
+            }
+            claim
+        })
+    }
+
+    /// Due heads of parked keys: failed ones alone, released ones with the events behind them.
+    fn claim_parked(
+        &self,
+        claim: &mut Claim,
+        budget: &mut Budget,
+        limits: Limits,
+        dead_holds: bool,
+    ) {
+        let rows = self.due_heads.run(
+            &[Arg::int8(limits.retries as i64), Arg::boolean(dead_holds)],
+            true,
+        );
+        let heads: Vec<Candidate> = (0..rows.len())
+            .filter_map(|i| candidate(&rows, i, true))
+            .collect();
+        drop(rows);
+        claim.more |= heads.len() >= limits.retries;
+        for head in heads {
+            if head.attempts.unwrap_or(0) > 0 {
+                for event in self.read(vec![head], true, claim) {
+                    claim.singles.push(event);
+                }
+                continue;
+            }
+            // Never failed itself (released, or interrupted by a shutdown): it travels with the
+            // events waiting behind it.
+            if !budget.admits(&head) {
+                claim.more = true;
+                break;
+            }
+            let rows = self.released_behind.run(
+                &[
+                    Arg::uuid(head.key.1),
+                    Arg::int8(budget.events_left() as i64),
+                ],
+                true,
+            );
+            let mut chain = vec![head];
+            for i in 0..rows.len() {
+                match candidate(&rows, i, true) {
+                    Some(next) if budget.admits(&next) => chain.push(next),
+                    Some(_) => {
+                        claim.more = true;
+                        break;
+                    }
+                    None => {}
+                }
+            }
+            drop(rows);
+            let events = self.read(chain, true, claim);
+            claim.group.extend(events);
+        }
+    }
+
+    /// The window's next events in (seq, id) order, opening a new window when the last one is
+    /// done.
+    fn claim_window(&self, claim: &mut Claim, position: &Position, budget: &mut Budget) {
+        let window = match &position.window {
+            Some(window) => window.clone(),
+            None => match self.open_window(&position.below) {
+                Some(window) => window,
+                None => {
+                    return;
+                }
+            },
+        };
+        let want = budget.events_left() as i64;
+        let range = match window.range_last {
+            Some(last) if want > 0 && window.range_after.0 <= last => self.candidates(
+                &self.range_candidates,
+                vec![
+                    Arg::int8(window.range_after.0),
+                    Arg::uuid(window.range_after.1),
+                    Arg::int8(last),
+                    Arg::xid8(position.below.xmax),
+                    Arg::xid8(window.upto.xmax),
+                    Arg::snapshot(&window.upto.text()),
+                    Arg::int8(want),
+                ],
+            ),
+            _ => Vec::new(),
+        };
+        let late = if window.late.is_empty() || want == 0 {
+            Vec::new()
+        } else {
+            let xids: Vec<String> = window.late.iter().map(u64::to_string).collect();
+            self.candidates(
+                &self.late_candidates,
+                vec![
+                    Arg::from_into(xids),
+                    Arg::int8(window.late_after.0),
+                    Arg::uuid(window.late_after.1),
+                    Arg::int8(want),
+                ],
+            )
+        };
+        let (range_exhausted, late_exhausted) =
+            (range.len() < want as usize, late.len() < want as usize);
+
+        // Merge the two parts in (seq, id) order, as far as the budget goes.
+        let (mut r, mut l) = (range.into_iter().peekable(), late.into_iter().peekable());
+        let mut taken = Vec::new();
+        let mut next = window.clone();
+        let mut cut = false;
+        loop {
+            let from_late = match (r.peek(), l.peek()) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some(a), Some(b)) => b.key < a.key,
+            };
+            let peeked = if from_late { l.peek() } else { r.peek() };
+            if !budget.admits(peeked.expect("checked above")) {
+                cut = true;
+                break;
+            }
+            let candidate = if from_late { l.next() } else { r.next() }.expect("checked above");
+            if from_late {
+                next.late_after = candidate.key;
+            } else {
+                next.range_after = candidate.key;
+            }
+            taken.push(candidate);
+        }
+        let range_done = !cut && range_exhausted && r.peek().is_none();
+        let late_done = !cut && late_exhausted && l.peek().is_none();
+        claim.more |= !(range_done && late_done);
+        claim.next = Some(if range_done && late_done {
+            Position {
+                below: window.upto.clone(),
+                window: None,
+            }
+        } else {
+            Position {
+                below: position.below.clone(),
+                window: Some(next),
+            }
+        });
+        let events = self.read(taken, false, claim);
+        claim.group.extend(events);
+    }
+
+    /// A new window over what committed since `below`; None if nothing did.
+    fn open_window(&self, below: &Snapshot) -> Option<Window> {
+        let upto = self.current_snapshot.run(&[], true).ascii(0, 1)?;
+        let upto = Snapshot::parse(&upto)?;
+        let late = finished_since(below, &upto);
+        let rows = self.window_range.run(
+            &[
+                Arg::xid8(below.xmax),
+                Arg::xid8(upto.xmax),
+                Arg::snapshot(&upto.text()),
+            ],
+            true,
+        );
+        let (first, last) = (rows.int8(0, 1), rows.int8(0, 2));
+        drop(rows);
+        if first.is_none() && late.is_empty() && upto == *below {
+            return None;
+        }
+        Some(Window {
+            range_after: first.map_or(BEFORE_ALL, |first| (first - 1, UUID_MAX)),
+            range_last: last,
+            late_after: BEFORE_ALL,
+            late,
+            upto,
+        })
+    }
+
+    fn candidates(&self, plan: &Plan, arguments: Vec<Arg>) -> Vec<Candidate> {
+        let rows = plan.run(&arguments, true);
+        (0..rows.len())
+            .filter_map(|i| candidate(&rows, i, false))
+            .collect()
+    }
+
+    /// The full rows of `candidates`, in the candidates' order. Rows that cannot be turned
+    /// into messages go to `claim.unreadable`.
+    fn read(&self, candidates: Vec<Candidate>, parked: bool, claim: &mut Claim) -> Vec<Claimed> {
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        let ctids: Vec<String> = candidates.iter().map(|c| c.ctid.clone()).collect();
+        let rows = self.events_at.run(&[Arg::from_into(ctids)], true);
+        let mut by_ctid: HashMap<String, usize> = HashMap::with_capacity(rows.len());
+        for i in 0..rows.len() {
+            if let Some(ctid) = rows.ascii(i, 1) {
+                by_ctid.insert(ctid, i);
+            }
+        }
+        let mut events = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            let Some(&i) = by_ctid.get(&candidate.ctid) else {
+                continue; // gone since (a superuser deleted it)
+            };
+            match event_at(&rows, i, candidate.attempts.unwrap_or(0)) {
+                Ok(event) => events.push(Claimed { event, parked }),
+                Err(reason) => claim.unreadable.push(Unreadable {
+                    id: candidate.key.1,
+                    parked,
+                    reason,
+                }),
+            }
+        }
+        events
+    }
+
+    /// Moves new events of parked topics and keys from the group to `held`.
+    fn hold_back_parked_keys(&self, claim: &mut Claim, dead_holds: bool) {
+        let fresh: Vec<pgrx::Uuid> = claim
+            .group
+            .iter()
+            .filter(|c| !c.parked)
+            .map(|c| pgrx::Uuid::from_bytes(*c.event.id.as_bytes()))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let rows = self
+            .held_back
+            .run(&[Arg::from_into(fresh), Arg::boolean(dead_holds)], true);
+        let held: std::collections::HashSet<uuid::Uuid> =
+            (0..rows.len()).filter_map(|i| rows.uuid(i, 1)).collect();
+        drop(rows);
+        if held.is_empty() {
+            return;
+        }
+        claim.group.retain(|c| {
+            let keep = c.parked || !held.contains(&c.event.id);
+            if !keep {
+                claim.held.push(c.event.id);
+            }
+            keep
+        });
+    }
+
+    /// Records a round: a receipt row for what was published and the new position (when either
+    /// changed), and the parked rows for everything else. Inside the record transaction.
+    pub fn record(
+        &self,
+        position: &Position,
+        position_moved: bool,
+        outcomes: &[(uuid::Uuid, bool, Record)],
+    ) {
+        spi::connected(|| {
+            let mut published = (Vec::new(), Vec::new(), Vec::new());
+            let mut parked = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut unparked = Vec::new();
+            let mut touched = Vec::new();
+            for (id, was_parked, record) in outcomes {
+                let pg_id = pgrx::Uuid::from_bytes(*id.as_bytes());
+                let park = |state: &str,
+                            attempts: i32,
+                            delay: Option<Duration>,
+                            error: Option<&str>,
+                            parked: &mut (
+                    Vec<pgrx::Uuid>,
+                    Vec<String>,
+                    Vec<i32>,
+                    Vec<Option<f64>>,
+                    Vec<Option<String>>,
+                )| {
+                    parked.0.push(pg_id);
+                    parked.1.push(state.to_string());
+                    parked.2.push(attempts);
+                    parked.3.push(delay.map(|d| d.as_secs_f64() * 1000.0));
+                    parked
+                        .4
+                        .push(error.map(|e| encoding::for_database(e).into_owned()));
+                };
+                match record {
+                    Record::Published { partition, offset } => {
+                        published.0.push(pg_id);
+                        published.1.push(*partition);
+                        published.2.push(*offset);
+                        if *was_parked {
+                            unparked.push(pg_id);
+                        }
+                    }
+                    Record::Retry {
+                        attempts,
+                        delay,
+                        error,
+                    } => park(
+                        "retrying",
+                        *attempts,
+                        Some(*delay),
+                        error.as_deref(),
+                        &mut parked,
+                    ),
+                    Record::Wait => park("waiting", 0, None, None, &mut parked),
+                    Record::Dead { attempts, error } => {
+                        park("dead", *attempts, None, Some(error), &mut parked)
+                    }
+                    Record::Unchanged => continue,
+                }
+                touched.push(pg_id);
+            }
+            let window = position.window.as_ref();
+            let key_args = |key: Option<Key>| match key {
+                Some((seq, id)) => [Arg::int8(seq), Arg::uuid(id)],
+                None => [Arg::Null, Arg::Null],
+            };
+            let [range_seq, range_id] = key_args(window.map(|w| w.range_after));
+            let [late_seq, late_id] = key_args(window.map(|w| w.late_after));
+            if position_moved || !published.0.is_empty() {
+                self.insert_batch.run(
+                    &[
+                        Arg::from_into(position.below.text()),
+                        window.map_or(Arg::Null, |w| Arg::from_into(w.upto.text())),
+                        window
+                            .and_then(|w| w.range_last)
+                            .map_or(Arg::Null, Arg::int8),
+                        range_seq,
+                        range_id,
+                        late_seq,
+                        late_id,
+                        Arg::from_into(published.0),
+                        Arg::from_into(published.1),
+                        Arg::from_into(published.2),
+                    ],
+                    false,
+                );
+            }
+            if !unparked.is_empty() {
+                self.unpark.run(&[Arg::from_into(unparked)], false);
+            }
+            if !parked.0.is_empty() {
+                self.park.run(
+                    &[
+                        Arg::from_into(parked.0),
+                        Arg::from_into(parked.1),
+                        Arg::from_into(parked.2),
+                        Arg::from_into(parked.3),
+                        Arg::from_into(parked.4),
+                    ],
+                    false,
+                );
+            }
+            if !touched.is_empty() {
+                self.advance_keys.run(&[Arg::from_into(touched)], false);
+            }
+        })
+    }
+
+    /// Deletes up to `limit` published events emitted before `cutoff` (an id: UUIDv7 ids are
+    /// time-ordered), scanning from just after `after`; events of transactions not yet handled
+    /// (`below`) and parked ones are kept. Returns the ids scanned, each with whether it was
+    /// handled, in id order.
+    pub fn expire_events(
+        &self,
+        after: uuid::Uuid,
+        cutoff: uuid::Uuid,
+        below: &Snapshot,
+        limit: usize,
+    ) -> Vec<(uuid::Uuid, bool)> {
+        spi::connected(|| {
+            let rows = self.expire_events.run(
+                &[
+                    Arg::uuid(after),
+                    Arg::uuid(cutoff),
+                    Arg::snapshot(&below.text()),
+                    Arg::int8(limit as i64),
+                ],
+                false,
+            );
+            (0..rows.len())
+                .filter_map(|i| Some((rows.uuid(i, 1)?, rows.boolean(i, 2)?)))
+                .collect()
+        })
+    }
+
+    /// Deletes up to `limit` receipt rows older than `retention` (never the newest, which is the
+    /// worker's position), after `after`. Returns the ids deleted.
+    pub fn expire_batches(&self, after: i64, retention: Duration, limit: usize) -> Vec<i64> {
+        spi::connected(|| {
+            let rows = self.expire_batches.run(
+                &[
+                    Arg::int8(after),
+                    Arg::int8(retention.as_secs() as i64),
+                    Arg::int8(limit as i64),
+                ],
+                false,
+            );
+            (0..rows.len()).filter_map(|i| rows.int8(i, 1)).collect()
+        })
+    }
+}
+
+/// Transactions in `below`'s running list that finished by `upto`.
+fn finished_since(below: &Snapshot, upto: &Snapshot) -> Vec<u64> {
+    below
+        .xip
+        .iter()
+        .copied()
+        .filter(|x| !upto.xip.contains(x) && *x < upto.xmax)
+        .collect()
+}
+
+/// What is left of a round's limits.
+struct Budget {
+    events: usize,
+    bytes: usize,
+    /// Nothing admitted yet: the first event is admitted whatever its size.
+    empty: bool,
+}
+
+impl Budget {
+    fn new(limits: Limits) -> Budget {
+        Budget {
+            events: limits.events,
+            bytes: limits.bytes,
+            empty: true,
+        }
+    }
+
+    fn events_left(&self) -> usize {
+        self.events
+    }
+
+    /// Takes `candidate` if it fits (an event larger than the byte budget goes alone).
+    fn admits(&mut self, candidate: &Candidate) -> bool {
+        if self.events == 0 || (!self.empty && candidate.bytes > self.bytes) {
+            return false;
+        }
+        self.events -= 1;
+        self.bytes = self.bytes.saturating_sub(candidate.bytes);
+        self.empty = false;
+        true
+    }
+}
+
+/// A candidate row: ctid, seq, id, message bytes, and for parked rows the attempts.
+fn candidate(rows: &Rows, i: usize, parked: bool) -> Option<Candidate> {
+    Some(Candidate {
+        ctid: rows.ascii(i, 1)?,
+        key: (rows.int8(i, 2)?, rows.uuid(i, 3)?),
+        bytes: rows.int4(i, 4).unwrap_or(0).max(0) as usize,
+        attempts: if parked { rows.int4(i, 5) } else { None },
+    })
+}
+
+/// An event row (EVENT_COLUMNS) as an [`Event`], or why it cannot be sent.
+fn event_at(rows: &Rows, i: usize, attempts: i32) -> Result<Event, String> {
+    let text = |column: i32, name: &str| -> Result<String, String> {
+        let bytes = rows.bytes(i, column).unwrap_or_default();
+        encoding::to_utf8(bytes)
+            .map(|t| t.into_owned())
+            .map_err(|reason| format!("its {name} cannot be sent: {reason}"))
+    };
+    let headers = match rows.bytes(i, 7) {
+        None => Vec::new(),
+        Some(_) => header_list(&text(7, "headers")?)?,
+    };
+    Ok(Event {
+        id: rows.uuid(i, 2).ok_or("it has no id")?,
+        seq: rows.int8(i, 3).ok_or("it has no seq")?,
+        event_type: text(4, "event_type")?,
+        aggregate_id: text(5, "aggregate_id")?,
+        payload: text(6, "payload")?,
+        headers,
+        topic: text(8, "topic")?,
+        created_at: Timestamp::from_postgres(rows.int8(i, 9).unwrap_or(0)),
+        attempts,
+        message_bytes: rows.int4(i, 10).unwrap_or(0).max(0) as usize,
+    })
+}
+
+/// Headers as name/value pairs; they must be a JSON object of strings.
+fn header_list(json: &str) -> Result<Vec<(String, String)>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("its headers are not JSON: {e}"))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err("its headers are not a JSON object".into());
+    };
+    map.into_iter()
+        .map(|(name, value)| match value {
+            serde_json::Value::String(value) => {
+                outbox_pg_core::validate::header_name(&name)
+                    .map_err(|reason| format!("its headers are not sendable: {reason}"))?;
+                Ok((name, value))
+            }
+            _ => Err(format!(
+                "its header \"{}\" is not a string",
+                name.escape_default()
+            )),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_round_trip_through_text() {
+        for text in ["10:10:", "5:20:7,9,11", "1:1:"] {
+            assert_eq!(Snapshot::parse(text).unwrap().text(), text);
+        }
+        assert!(Snapshot::parse("x:1:").is_none());
+    }
+}

@@ -1,0 +1,350 @@
+//! One publishing round, with a ready queue and producer:
+//!
+//! 1. claim, in one transaction: due retries, events released behind a published one, and the
+//!    next committed events in emission order (within `outbox.batch_size` and
+//!    `outbox.batch_bytes`) — unless publishing is paused or the database refuses writes, since
+//!    nothing may be sent that cannot be recorded;
+//! 2. wait until the commits that made them visible are durable (flushed here, and confirmed by
+//!    synchronous standbys when there are any), so nothing is published that a crash or a
+//!    failover could take back;
+//! 3. ship: retries one at a time (a poison event fails alone), the rest together;
+//! 4. record, in one transaction: a receipt row with the new position, parked rows for what
+//!    failed or waits.
+
+use std::time::Duration;
+
+use outbox_pg_core::ordering::{Disposition, Settlement, Shipment};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use super::kafka::{Kafka, Shipping};
+use super::queue::{Claim, Claimed, Limits, Position, Queue, Record};
+use super::retention::Retention;
+use crate::shmem::{WorkerSlot, WorkerState};
+use crate::{durability, guc, process};
+
+/// Failed events retried per round; each is sent and confirmed on its own.
+const RETRIES_PER_ROUND: usize = 16;
+/// Minimum spacing of the "cannot record" log line.
+const READ_ONLY_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How a round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundEnd {
+    /// More is known to be waiting: go again at once.
+    More,
+    /// Nothing left for now.
+    Idle,
+    Paused,
+    /// The database refuses writes: nothing was claimed.
+    ReadOnly,
+}
+
+/// What the worker publishes with: a ready queue, a producer, and where it stands.
+pub struct Publishing {
+    slot: &'static WorkerSlot,
+    database: String,
+    queue: Queue,
+    kafka: Kafka,
+    position: Position,
+    retention: Retention,
+    read_only_since: Option<std::time::Instant>,
+    read_only_logged: Option<std::time::Instant>,
+}
+
+impl Publishing {
+    pub fn new(slot: &'static WorkerSlot, database: String, queue: Queue, kafka: Kafka) -> Self {
+        let position = process::in_transaction("outbox_pg: reading the position", || {
+            queue.position()
+        })
+        .unwrap_or_else(|| {
+            warning!(
+                "outbox_pg: outbox.batches holds no position in database \"{database}\"; publishing every event in outbox.events"
+            );
+            Position {
+                below: super::queue::Snapshot {
+                    xmin: 1,
+                    xmax: 1,
+                    xip: Vec::new(),
+                },
+                window: None,
+            }
+        });
+        Publishing {
+            slot,
+            database,
+            queue,
+            kafka,
+            position,
+            retention: Retention::new(),
+            read_only_since: None,
+            read_only_logged: None,
+        }
+    }
+
+    pub fn kafka(&mut self) -> &mut Kafka {
+        &mut self.kafka
+    }
+
+    /// One round: claim → make durable → ship → record.
+    pub fn round(&mut self) -> RoundEnd {
+        let limits = Limits {
+            events: guc::BATCH_SIZE.get().max(1) as usize,
+            bytes: guc::BATCH_BYTES.get().max(1) as usize,
+            retries: RETRIES_PER_ROUND,
+        };
+        let dead_holds = guc::dead_events_hold();
+        let claimed = process::in_transaction("outbox_pg: claiming events", || {
+            if self.queue.paused() {
+                return Err(RoundEnd::Paused);
+            }
+            if process::transaction_is_read_only() {
+                return Err(RoundEnd::ReadOnly);
+            }
+            let claim = self.queue.claim(&self.position, limits, dead_holds);
+            // Every commit the claim saw is in the WAL before this point.
+            // SAFETY: reading the WAL insert position inside a transaction.
+            Ok((claim, unsafe { pg_sys::GetXLogInsertRecPtr() }))
+        });
+        let (claim, visible_up_to) = match claimed {
+            Ok(claimed) => claimed,
+            Err(end) => return self.blocked(end),
+        };
+        self.read_only_since = None;
+        if claim.singles.is_empty()
+            && claim.group.is_empty()
+            && claim.held.is_empty()
+            && claim.unreadable.is_empty()
+        {
+            if let Some(next) = claim.next {
+                self.position = next; // an empty window: nothing to record
+            }
+            return self.idle_or_more(claim.more);
+        }
+        durability::wait_until_durable(visible_up_to);
+        if process::stop_requested() {
+            return RoundEnd::Idle; // not sent: the next worker claims it again
+        }
+        if !self.kafka.broker_unreachable() {
+            self.slot.set_state(WorkerState::Publishing);
+        }
+        let records = self.ship(&claim);
+        let next = claim.next.clone().unwrap_or_else(|| self.position.clone());
+        let published = records
+            .iter()
+            .filter(|(_, _, r)| matches!(r, Record::Published { .. }))
+            .count();
+        let record = || {
+            process::in_transaction("outbox_pg: recording outcomes", || {
+                self.queue.record(&next, claim.next.is_some(), &records)
+            })
+        };
+        if process::stop_requested() {
+            // Record what the broker has before exiting; a lock wait must not hold the stop up.
+            process::with_interrupts_held(|| {
+                process::set_for_session("lock_timeout", "1s");
+                record();
+            });
+        } else {
+            record();
+        }
+        self.position = next;
+        if published > 0 {
+            self.slot.count_published(published as u64);
+        }
+        self.idle_or_more(claim.more || !claim.singles.is_empty())
+    }
+
+    fn idle_or_more(&self, more: bool) -> RoundEnd {
+        if more {
+            RoundEnd::More
+        } else {
+            RoundEnd::Idle
+        }
+    }
+
+    /// Sends the claim and turns every outcome into what is recorded.
+    fn ship(&mut self, claim: &Claim) -> Vec<(uuid::Uuid, bool, Record)> {
+        let how = Shipping::current(&self.database);
+        let policy = RetryPolicy::current();
+        let mut records = Vec::new();
+        // Retries one at a time: a poison event must fail alone, not with its neighbours.
+        for single in &claim.singles {
+            let mut shipments = [Shipment::new(single.event.clone())];
+            let settlement = self.kafka.ship(&mut shipments, &how);
+            self.note(&settlement, &shipments);
+            records.push(record_of(
+                single,
+                &settlement.dispositions[0],
+                &policy,
+                self.slot,
+            ));
+        }
+        let mut shipments: Vec<Shipment> = claim
+            .group
+            .iter()
+            .map(|c| Shipment::new(c.event.clone()))
+            .collect();
+        if !shipments.is_empty() {
+            let settlement = self.kafka.ship(&mut shipments, &how);
+            self.note(&settlement, &shipments);
+            for (claimed, disposition) in claim.group.iter().zip(&settlement.dispositions) {
+                records.push(record_of(claimed, disposition, &policy, self.slot));
+            }
+        }
+        records.extend(claim.held.iter().map(|id| (*id, false, Record::Wait)));
+        for unreadable in &claim.unreadable {
+            warning!(
+                "outbox_pg: event {} cannot be published and is dead: {}",
+                unreadable.id,
+                unreadable.reason
+            );
+            self.slot
+                .record_error(&format!("event {}: {}", unreadable.id, unreadable.reason));
+            records.push((
+                unreadable.id,
+                unreadable.parked,
+                Record::Dead {
+                    attempts: 0,
+                    error: unreadable.reason.clone(),
+                },
+            ));
+        }
+        records
+    }
+
+    /// Logs what operators must know about a settled batch.
+    fn note(&self, settlement: &Settlement, shipments: &[Shipment]) {
+        for breach in &settlement.breaches {
+            warning!(
+                "outbox_pg: event {} was published although the earlier event {} of its topic and key was not; consumers will see them out of order",
+                breach.published, breach.earlier
+            );
+        }
+        for (shipment, disposition) in shipments.iter().zip(&settlement.dispositions) {
+            if let Disposition::Failed { error } = disposition {
+                self.slot.record_error(&format!(
+                    "event {} ({}): {error}",
+                    shipment.event.id, shipment.event.event_type
+                ));
+            }
+        }
+    }
+
+    /// A round that could not claim: paused, or a database that refuses writes (logged at most
+    /// once a minute while it lasts).
+    fn blocked(&mut self, end: RoundEnd) -> RoundEnd {
+        match end {
+            RoundEnd::Paused => self.slot.set_state(WorkerState::Paused),
+            RoundEnd::ReadOnly => {
+                self.slot.set_state(WorkerState::ReadOnly);
+                let since = *self
+                    .read_only_since
+                    .get_or_insert_with(std::time::Instant::now);
+                if self
+                    .read_only_logged
+                    .is_none_or(|at| at.elapsed() >= READ_ONLY_LOG_INTERVAL)
+                {
+                    log!(
+                        "outbox_pg: database \"{}\" refuses writes (default_transaction_read_only) for {}s; not publishing until the worker can record what it sends",
+                        self.database,
+                        since.elapsed().as_secs()
+                    );
+                    self.read_only_logged = Some(std::time::Instant::now());
+                }
+            }
+            _ => {}
+        }
+        end
+    }
+
+    /// Expires one chunk of history if it is time; true if more is waiting.
+    pub fn expire(&mut self) -> bool {
+        self.retention.run(&self.queue, &self.position.below)
+    }
+
+    /// Waits up to `timeout` for work, a signal, or a producer report.
+    pub fn idle(&mut self, timeout: Duration) {
+        if !matches!(
+            self.slot.report().state,
+            Some(WorkerState::Paused | WorkerState::ReadOnly)
+        ) {
+            self.slot.set_state(if self.kafka.broker_unreachable() {
+                WorkerState::BrokerUnreachable
+            } else {
+                WorkerState::Idle
+            });
+        }
+        self.kafka.idle(timeout);
+    }
+}
+
+/// Retry policy for failed events, from the settings when the round ran.
+struct RetryPolicy {
+    max_attempts: i32,
+    backoff: Duration,
+    backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    fn current() -> Self {
+        RetryPolicy {
+            max_attempts: guc::MAX_ATTEMPTS.get(),
+            backoff: Duration::from_millis(guc::RETRY_BACKOFF_MS.get().max(0) as u64),
+            backoff_max: Duration::from_millis(guc::RETRY_BACKOFF_MAX_MS.get().max(0) as u64),
+        }
+    }
+
+    /// The nth failure is retried after backoff * 2^(n-1), capped.
+    fn delay(&self, attempts: i32) -> Duration {
+        let factor = 2u32.saturating_pow(attempts.saturating_sub(1).clamp(0, 30) as u32);
+        self.backoff.saturating_mul(factor).min(self.backoff_max)
+    }
+}
+
+/// What to record for one claimed event.
+fn record_of(
+    claimed: &Claimed,
+    disposition: &Disposition,
+    policy: &RetryPolicy,
+    slot: &WorkerSlot,
+) -> (uuid::Uuid, bool, Record) {
+    let event = &claimed.event;
+    let record = match disposition {
+        Disposition::Published { partition, offset } => Record::Published {
+            partition: *partition,
+            offset: *offset,
+        },
+        Disposition::Failed { error } => {
+            let attempts = event.attempts + 1;
+            if attempts >= policy.max_attempts {
+                warning!(
+                    "outbox_pg: event {} ({} for aggregate {}) is dead after {attempts} failed attempts: {error}",
+                    event.id, event.event_type, event.aggregate_id
+                );
+                slot.record_error(&format!("event {} is dead: {error}", event.id));
+                Record::Dead {
+                    attempts,
+                    error: error.clone(),
+                }
+            } else {
+                Record::Retry {
+                    attempts,
+                    delay: policy.delay(attempts),
+                    error: Some(error.clone()),
+                }
+            }
+        }
+        // A parked event behind a failure stays as it was; a new one starts waiting.
+        Disposition::Waiting if claimed.parked => Record::Unchanged,
+        Disposition::Waiting => Record::Wait,
+        // Not sent (a stop, or no working producer): sent first once the worker can.
+        Disposition::SendAgain if claimed.parked => Record::Unchanged,
+        Disposition::SendAgain => Record::Retry {
+            attempts: event.attempts,
+            delay: Duration::ZERO,
+            error: None,
+        },
+    };
+    (event.id, claimed.parked, record)
+}
