@@ -50,7 +50,9 @@ pub fn append(row: &EventRow) {
         DirectInsert::On => true,
         DirectInsert::Off => false,
         // SAFETY: reading a hook pointer; audit extensions set it in _PG_init.
-        DirectInsert::Auto => unsafe { (*&raw const pg_sys::ExecutorCheckPerms_hook).is_none() },
+        DirectInsert::Auto => {
+            unsafe { std::ptr::addr_of!(pg_sys::ExecutorCheckPerms_hook).read() }.is_none()
+        }
     };
     match table.layout {
         Some(ref layout) if direct && table.is_plain(layout) => unsafe {

@@ -92,6 +92,9 @@ pub struct Publisher {
     known_topics: Arc<Mutex<HashSet<String>>>,
 }
 
+/// Whether [`Publisher::ensure_topics`] created a topic.
+pub type Created = bool;
+
 /// Topics to create when they are missing (`outbox.auto_create_topics`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TopicCreation {
@@ -103,8 +106,8 @@ pub struct TopicCreation {
 /// What [`Publisher::ensure_topics`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TopicReadiness {
-    /// Per topic: ready, or why events cannot go there.
-    Known(HashMap<String, Result<(), String>>),
+    /// Per topic: ready (and whether it was created just now), or why events cannot go there.
+    Known(HashMap<String, Result<Created, String>>),
     /// The broker did not answer; sending is still right (the messages wait for it).
     NoAnswer(String),
 }
@@ -250,6 +253,7 @@ impl Publisher {
                 Ok(states) => states,
                 Err(error) => return TopicReadiness::NoAnswer(error),
             };
+            let mut created_now = HashSet::new();
             if let Some(creation) = creation {
                 let missing: Vec<String> = states
                     .iter()
@@ -274,7 +278,9 @@ impl Publisher {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     for topic in &missing {
-                        if let (Err(_), Some(Err(why))) = (&states[topic], created.get(topic)) {
+                        if states[topic].is_ok() {
+                            created_now.insert(topic.clone());
+                        } else if let (Err(_), Some(Err(why))) = (&states[topic], created.get(topic)) {
                             states.insert(
                                 topic.clone(),
                                 Err(format!("topic \"{topic}\" does not exist and could not be created: {why}")),
@@ -294,7 +300,15 @@ impl Publisher {
                     known.insert(topic.clone());
                 }
             }
-            TopicReadiness::Known(states)
+            TopicReadiness::Known(
+                states
+                    .into_iter()
+                    .map(|(topic, state)| {
+                        let created = created_now.contains(&topic);
+                        (topic, state.map(|()| created))
+                    })
+                    .collect(),
+            )
         })
     }
 
@@ -703,7 +717,7 @@ mod tests {
         else {
             panic!("the mock cluster answers")
         };
-        assert_eq!(states["here"], Ok(()));
+        assert_eq!(states["here"], Ok(false));
         assert!(states["not-here"].is_err());
         assert_eq!(
             publisher.unconfirmed(["here".to_string()]),

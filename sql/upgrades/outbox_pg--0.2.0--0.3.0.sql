@@ -88,6 +88,23 @@ CREATE INDEX events_seq ON outbox.events (seq, id);
 CREATE INDEX events_xid ON outbox.events (xid);
 
 -- The pause flag becomes the presence of a row.
+-- pause() and resume() first, so the column they read can go (their grants stay).
+CREATE OR REPLACE FUNCTION outbox.pause() RETURNS void
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    INSERT INTO outbox.control (singleton) VALUES (true) ON CONFLICT (singleton) DO NOTHING;
+    SELECT outbox.wake();
+END;
+
+CREATE OR REPLACE FUNCTION outbox.resume() RETURNS void
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    DELETE FROM outbox.control;
+    SELECT outbox.wake();
+END;
+
 DELETE FROM outbox.control WHERE NOT paused;
 ALTER TABLE outbox.control DROP COLUMN paused;
 ALTER TABLE outbox.control ALTER COLUMN paused_at SET NOT NULL, ALTER COLUMN paused_at SET DEFAULT now();
@@ -241,14 +258,14 @@ BEGIN
                 USING ERRCODE = 'no_data_found', HINT = 'Dead events are listed in outbox.dead_letters.';
         END IF;
         IF EXISTS (SELECT 1 FROM outbox.pending q WHERE q.id = retry.event_id) THEN
-            RETURN false;
+            RETURN false;  -- queued: it is on its way
         END IF;
         RAISE EXCEPTION 'outbox.retry: event % was already published or discarded', event_id
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'outbox.deliveries shows where the broker stored it.';
     END IF;
     IF found_state = 'waiting' THEN
-        RETURN false;
+        RETURN false;      -- it goes right after the event ahead of it
     ELSIF found_state = 'retrying' THEN
         UPDATE outbox.parked p SET next_attempt_at = clock_timestamp() WHERE p.event_id = retry.event_id;
     ELSE
@@ -298,24 +315,6 @@ BEGIN
     PERFORM outbox.wake();
 END
 $$;
-
-DROP FUNCTION outbox.pause();
-CREATE FUNCTION outbox.pause() RETURNS void
-    LANGUAGE sql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-    INSERT INTO outbox.control (singleton) VALUES (true) ON CONFLICT (singleton) DO NOTHING;
-    SELECT outbox.wake();
-END;
-
-DROP FUNCTION outbox.resume();
-CREATE FUNCTION outbox.resume() RETURNS void
-    LANGUAGE sql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-    DELETE FROM outbox.control;
-    SELECT outbox.wake();
-END;
 
 REVOKE ALL ON FUNCTION outbox.retry(uuid), outbox.retry_dead(), outbox.discard(uuid),
                        outbox.pause(), outbox.resume(), outbox.wake(), outbox.worker_state(),

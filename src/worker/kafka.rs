@@ -68,6 +68,8 @@ pub struct Kafka {
     /// The producer stopped (fatal error) or messages were given up on: replace it before the
     /// next send.
     replace: bool,
+    /// Settings that did not build a producer: not tried again until they change.
+    rejected: Option<ProducerSettings>,
     health: BrokerHealth,
     slot: &'static WorkerSlot,
 }
@@ -88,30 +90,44 @@ impl Kafka {
         Ok(Kafka {
             publisher,
             replace: false,
+            rejected: None,
             health: BrokerHealth::default(),
             slot,
         })
     }
 
-    /// True if the producer works: not stopped, and built from the settings in force.
-    pub fn usable(&self) -> bool {
-        !self.replace && *self.publisher.settings() == current_settings()
+    /// True if the settings in force differ from the producer's, and have not been tried.
+    fn settings_changed(&self) -> bool {
+        let current = current_settings();
+        current != *self.publisher.settings() && self.rejected.as_ref() != Some(&current)
     }
 
     /// Replaces the producer if it stopped or the settings changed. If the new settings do not
-    /// work, the error is logged and the previous producer stays (false if that one stopped).
+    /// work, the error is logged once and the previous producer stays (false if that one
+    /// stopped).
     pub fn refresh(&mut self) -> bool {
-        if self.usable() {
+        if !self.replace && !self.settings_changed() {
             return true;
         }
-        match Publisher::new(current_settings()) {
+        let settings = current_settings();
+        if self.rejected.as_ref() == Some(&settings) && self.replace {
+            return false;
+        }
+        match Publisher::new(settings.clone()) {
             Ok(publisher) => {
+                let rebuilt = !self.replace || *publisher.settings() != *self.publisher.settings();
                 self.publisher = publisher;
                 self.replace = false;
-                log!("outbox_pg: Kafka producer reconfigured");
+                self.rejected = None;
+                if rebuilt {
+                    log!("outbox_pg: Kafka producer reconfigured");
+                } else {
+                    log!("outbox_pg: Kafka producer replaced");
+                }
                 true
             }
             Err(error) => {
+                self.rejected = Some(settings);
                 let keeping = if self.replace {
                     "not publishing until it is fixed"
                 } else {
@@ -218,13 +234,16 @@ impl Kafka {
         match answer {
             Some(TopicReadiness::Known(states)) => {
                 for (topic, state) in states {
-                    if let Err(reason) = state {
-                        if how.creation.is_some() {
-                            log!("outbox_pg: {reason}");
+                    match (state, how.creation) {
+                        (Ok(true), Some(creation)) => log!(
+                            "outbox_pg: created topic \"{topic}\" ({} partitions, replication {})",
+                            creation.partitions,
+                            creation.replication
+                        ),
+                        (Ok(_), _) => {}
+                        (Err(reason), _) => {
+                            refused.insert(topic, reason);
                         }
-                        refused.insert(topic, reason);
-                    } else if how.creation.is_some() {
-                        log!("outbox_pg: topic \"{topic}\" is ready");
                     }
                 }
             }
@@ -314,7 +333,7 @@ impl Kafka {
             let reason = if process::stop_requested() {
                 let seen = *stop_seen_at.get_or_insert(now);
                 (now >= seen + STOP_GRACE).then_some("the worker is stopping")
-            } else if *self.publisher.settings() != current_settings() {
+            } else if self.settings_changed() {
                 Some("the producer settings changed")
             } else if self.publisher.fatal_error().is_some() {
                 Some("the producer stopped")
@@ -387,6 +406,9 @@ impl Kafka {
                         self.replace = true;
                     }
                 }
+                // outbox_pg relies on this property on purpose (see outbox_pg_core::producer).
+                Report::Log { message }
+                    if message.contains("enable.gapless.guarantee is experimental") => {}
                 Report::Log { message } => log!("outbox_pg: librdkafka: {message}"),
             }
         }

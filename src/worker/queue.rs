@@ -624,30 +624,11 @@ impl Queue {
     ) {
         spi::connected(|| {
             let mut published = (Vec::new(), Vec::new(), Vec::new());
-            let mut parked = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut parked = ParkedRows::default();
             let mut unparked = Vec::new();
             let mut touched = Vec::new();
             for (id, was_parked, record) in outcomes {
                 let pg_id = pgrx::Uuid::from_bytes(*id.as_bytes());
-                let park = |state: &str,
-                            attempts: i32,
-                            delay: Option<Duration>,
-                            error: Option<&str>,
-                            parked: &mut (
-                    Vec<pgrx::Uuid>,
-                    Vec<String>,
-                    Vec<i32>,
-                    Vec<Option<f64>>,
-                    Vec<Option<String>>,
-                )| {
-                    parked.0.push(pg_id);
-                    parked.1.push(state.to_string());
-                    parked.2.push(attempts);
-                    parked.3.push(delay.map(|d| d.as_secs_f64() * 1000.0));
-                    parked
-                        .4
-                        .push(error.map(|e| encoding::for_database(e).into_owned()));
-                };
                 match record {
                     Record::Published { partition, offset } => {
                         published.0.push(pg_id);
@@ -661,16 +642,10 @@ impl Queue {
                         attempts,
                         delay,
                         error,
-                    } => park(
-                        "retrying",
-                        *attempts,
-                        Some(*delay),
-                        error.as_deref(),
-                        &mut parked,
-                    ),
-                    Record::Wait => park("waiting", 0, None, None, &mut parked),
+                    } => parked.push(pg_id, "retrying", *attempts, Some(*delay), error.as_deref()),
+                    Record::Wait => parked.push(pg_id, "waiting", 0, None, None),
                     Record::Dead { attempts, error } => {
-                        park("dead", *attempts, None, Some(error), &mut parked)
+                        parked.push(pg_id, "dead", *attempts, None, Some(error))
                     }
                     Record::Unchanged => continue,
                 }
@@ -705,14 +680,14 @@ impl Queue {
             if !unparked.is_empty() {
                 self.unpark.run(&[Arg::from_into(unparked)], false);
             }
-            if !parked.0.is_empty() {
+            if !parked.ids.is_empty() {
                 self.park.run(
                     &[
-                        Arg::from_into(parked.0),
-                        Arg::from_into(parked.1),
-                        Arg::from_into(parked.2),
-                        Arg::from_into(parked.3),
-                        Arg::from_into(parked.4),
+                        Arg::from_into(parked.ids),
+                        Arg::from_into(parked.states),
+                        Arg::from_into(parked.attempts),
+                        Arg::from_into(parked.delays_ms),
+                        Arg::from_into(parked.errors),
                     ],
                     false,
                 );
@@ -764,6 +739,34 @@ impl Queue {
             );
             (0..rows.len()).filter_map(|i| rows.int8(i, 1)).collect()
         })
+    }
+}
+
+/// Rows for outbox.parked, as the arrays the park statement takes.
+#[derive(Default)]
+struct ParkedRows {
+    ids: Vec<pgrx::Uuid>,
+    states: Vec<String>,
+    attempts: Vec<i32>,
+    delays_ms: Vec<Option<f64>>,
+    errors: Vec<Option<String>>,
+}
+
+impl ParkedRows {
+    fn push(
+        &mut self,
+        id: pgrx::Uuid,
+        state: &str,
+        attempts: i32,
+        delay: Option<Duration>,
+        error: Option<&str>,
+    ) {
+        self.ids.push(id);
+        self.states.push(state.to_string());
+        self.attempts.push(attempts);
+        self.delays_ms.push(delay.map(|d| d.as_secs_f64() * 1000.0));
+        self.errors
+            .push(error.map(|e| encoding::for_database(e).into_owned()));
     }
 }
 

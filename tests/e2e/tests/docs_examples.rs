@@ -40,10 +40,18 @@ fn emit_examples_in_every_language_publish_their_events() {
     db.batch_execute(
         "CREATE EXTENSION outbox_pg;
          CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL);
-         CREATE TABLE invoices (order_id bigint, total numeric);",
+         CREATE TABLE invoices (order_id bigint, total numeric);
+         -- The consumer of docs/consuming.md: a role, and the login role it runs as.
+         CREATE ROLE billing NOLOGIN;
+         CREATE ROLE billing_service LOGIN IN ROLE billing;
+         GRANT INSERT ON invoices TO billing;",
     )
     .unwrap();
     let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let consumer_url = format!(
+        "postgresql://billing_service@127.0.0.1:{}/postgres",
+        cluster.port
+    );
 
     run(Command::new("psql")
         .args([&url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
@@ -84,7 +92,7 @@ fn emit_examples_in_every_language_publish_their_events() {
     for group in ["billing", "billing-replay"] {
         run(Command::new(tools().join("venv/bin/python"))
             .arg(examples().join("consume.py"))
-            .env("DATABASE_URL", &url)
+            .env("DATABASE_URL", &consumer_url)
             .env("BROKERS", tansu.bootstrap())
             .env("TOPIC", "order.created")
             .env("GROUP_ID", group)

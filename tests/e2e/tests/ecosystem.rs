@@ -136,12 +136,13 @@ fn missing_topics_are_created_when_asked_and_failed_otherwise() {
     let mut db = cluster.connect();
     db.batch_execute("SELECT outbox.emit('new.topic', 1, '{}')")
         .unwrap();
-    assert!(wait_until(TIMEOUT, || count_events(
-        &mut db,
-        "publish_attempts > 0"
-    ) == 1));
+    assert!(wait_until(TIMEOUT, || db
+        .query_one("SELECT count(*) FROM outbox.parked WHERE attempts > 0", &[])
+        .unwrap()
+        .get::<_, i64>(0)
+        == 1));
     let error: String = db
-        .query_one("SELECT error FROM outbox.events", &[])
+        .query_one("SELECT error FROM outbox.pending", &[])
         .unwrap()
         .get(0);
     assert!(
@@ -176,8 +177,11 @@ fn missing_topics_are_created_when_asked_and_failed_otherwise() {
 fn consume_once_is_true_the_first_time_and_false_for_duplicates() {
     let cluster = PgCluster::start(&[("outbox.database", "parked")]);
     let mut db = cluster.connect();
+    // A consumer is a role; the consumer's login role is a member of it.
     db.batch_execute(
-        "CREATE EXTENSION outbox_pg; CREATE TABLE applied (n int); CREATE ROLE consumer_app LOGIN;",
+        "CREATE EXTENSION outbox_pg; CREATE TABLE applied (n int); CREATE ROLE consumer_app LOGIN;
+         CREATE ROLE billing NOLOGIN; CREATE ROLE shipping NOLOGIN; CREATE ROLE c NOLOGIN;
+         GRANT billing TO consumer_app;",
     )
     .unwrap();
     db.batch_execute("GRANT ALL ON applied TO consumer_app")
@@ -192,8 +196,7 @@ fn consume_once_is_true_the_first_time_and_false_for_duplicates() {
         .get(0)
     };
     // The usual consumer transaction: apply the message only if it is new.
-    let mut app = cluster.connect();
-    app.batch_execute("SET ROLE consumer_app").unwrap();
+    let mut app = cluster.connect_as("consumer_app");
     for attempt in 0..3 {
         let mut tx = app.transaction().unwrap();
         let first: bool = tx
@@ -271,6 +274,10 @@ fn consume_once_is_true_the_first_time_and_false_for_duplicates() {
     assert_eq!(purged, 3);
     let denied = app.batch_execute("SELECT * FROM outbox.inbox").unwrap_err();
     assert_eq!(denied.code().unwrap().code(), "42501");
+    let not_a_role = db
+        .batch_execute("SELECT outbox.consume_once('no-such-role', gen_random_uuid())")
+        .unwrap_err();
+    assert_eq!(not_a_role.code().unwrap().code(), "42704");
 }
 
 #[test]
@@ -365,10 +372,19 @@ fn upgrading_from_0_1_0_publishes_what_was_pending() {
     let mut db = cluster.connect();
     db.batch_execute("CREATE EXTENSION outbox_pg VERSION '0.1.0'")
         .unwrap();
-    db.batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 5) g")
-        .unwrap();
+    // The new library refuses to write into the old schema, clearly.
+    let refused = db
+        .batch_execute("SELECT outbox.emit('t', 1, '{}')")
+        .unwrap_err();
+    assert_eq!(refused.code().unwrap().code(), "55000", "{refused}");
+    // Rows the 0.1.0 library wrote before the server was upgraded.
+    db.batch_execute(
+        "INSERT INTO outbox.events (id, event_type, aggregate_id, payload)
+         SELECT gen_random_uuid(), 't', g, '{}' FROM generate_series(1, 5) g",
+    )
+    .unwrap();
     assert!(cluster.wait_for_log(
-        "extension version 0.1.0 is installed but the library is 0.2.0",
+        "extension version 0.1.0 is installed but the library is 0.3.0",
         TIMEOUT
     ));
     assert_eq!(
@@ -386,13 +402,13 @@ fn upgrading_from_0_1_0_publishes_what_was_pending() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version, "0.3.0");
     assert!(
         wait_until_published(&mut db, TIMEOUT),
         "pending events are published after the upgrade"
     );
     db.batch_execute(
-        "SELECT outbox.emit('t', 6, '{}'); SELECT outbox.consume_once('c', gen_random_uuid());",
+        "SELECT outbox.emit('t', 6, '{}'); SELECT outbox.consume_once('postgres', gen_random_uuid());",
     )
     .unwrap();
     assert!(wait_until_published(&mut db, TIMEOUT));
@@ -440,4 +456,67 @@ fn upgrading_from_0_1_0_publishes_what_was_pending() {
     upgraded.sort();
     fresh.sort();
     assert_eq!(upgraded, fresh);
+}
+
+#[test]
+fn upgrading_from_0_2_0_keeps_events_in_flight_and_publishes_nothing_twice() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 1);
+    let cluster = PgCluster::publishing_to(
+        &tansu.bootstrap(),
+        &[
+            ("outbox.retry_backoff", "100ms"),
+            ("outbox.max_attempts", "5"),
+        ],
+    );
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox_pg VERSION '0.2.0'")
+        .unwrap();
+    // The 0.2.0 library's rows in every state: published, pending, retrying, dead.
+    db.batch_execute(
+        "INSERT INTO outbox.events (id, event_type, aggregate_id, payload, published_at, kafka_partition, kafka_offset)
+         SELECT gen_random_uuid(), 't', 'published-' || g, '{}', now(), 0, g FROM generate_series(1, 2) g;
+         INSERT INTO outbox.events (id, event_type, aggregate_id, payload)
+         SELECT gen_random_uuid(), 't', 'pending-' || g, '{}' FROM generate_series(1, 3) g;
+         INSERT INTO outbox.events (id, event_type, aggregate_id, payload, publish_attempts, next_attempt_at, error)
+         VALUES (gen_random_uuid(), 't', 'retrying', '{}', 1, now(), 'InvalidRecord (earlier)');
+         INSERT INTO outbox.events (id, event_type, aggregate_id, payload, publish_attempts, error)
+         VALUES (gen_random_uuid(), 't', 'dead', '{}', 5, 'MessageSizeTooLarge (earlier)');",
+    )
+    .unwrap();
+    db.batch_execute("ALTER EXTENSION outbox_pg UPDATE")
+        .unwrap();
+
+    let history: i64 = db
+        .query_one("SELECT count(*) FROM outbox.deliveries", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(history, 2, "published history keeps its receipts");
+    let dead: Vec<(String, i32, String)> = db
+        .query(
+            "SELECT aggregate_id, publish_attempts, error FROM outbox.dead_letters",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        dead,
+        [(
+            "dead".to_string(),
+            5,
+            "MessageSizeTooLarge (earlier)".to_string()
+        )]
+    );
+    assert!(wait_until_published(&mut db, TIMEOUT));
+    let received = TopicReader::new(&tansu.bootstrap(), &["t"]).read(10, Duration::from_secs(10));
+    let mut keys: Vec<String> = received.into_iter().map(|m| m.key).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["pending-1", "pending-2", "pending-3", "retrying"],
+        "the unpublished events are published once; published ones are not sent again; the dead one stays"
+    );
+    assert_eq!(count_dead(&mut db, "true"), 1);
 }

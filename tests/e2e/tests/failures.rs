@@ -1,6 +1,6 @@
-//! Publish failures against librdkafka's mock cluster: refusals are recorded on the row and
-//! retried, a poison event dies after `outbox.max_attempts`, other aggregates keep flowing, and
-//! the poison's own aggregate waits behind it.
+//! Publish failures against librdkafka's mock cluster: refusals are parked and retried, a poison
+//! event dies after `outbox.max_attempts`, other topics and keys keep flowing, and the poison's
+//! own topic and key waits behind it.
 
 use std::time::{Duration, Instant};
 
@@ -19,9 +19,10 @@ struct EventState {
 fn state(db: &mut postgres::Client, aggregate: &str) -> EventState {
     let row = db
         .query_one(
-            "SELECT publish_attempts, error, published_at IS NOT NULL,
-                    published_at IS NULL AND publish_attempts > 0 AND next_attempt_at IS NULL
-             FROM outbox.events WHERE aggregate_id = $1 ORDER BY seq LIMIT 1",
+            "SELECT coalesce(p.attempts, 0), p.error,
+                    e.id IN (SELECT d.event_id FROM outbox.deliveries d), coalesce(p.state = 'dead', false)
+             FROM outbox.events e LEFT JOIN outbox.parked p ON p.event_id = e.id
+             WHERE e.aggregate_id = $1 ORDER BY e.seq LIMIT 1",
             &[&aggregate],
         )
         .unwrap();
@@ -39,7 +40,7 @@ fn broker_refusals_are_recorded_and_retried() {
     let cluster = PgCluster::start(&[
         ("outbox.brokers", &mock.bootstrap_servers()),
         ("outbox.poll_interval", "100ms"),
-        ("outbox.retry_backoff", "100ms"),
+        ("outbox.retry_backoff", "1s"),
         ("outbox.max_attempts", "5"),
     ]);
     let mut db = cluster.connect();
@@ -59,16 +60,25 @@ fn broker_refusals_are_recorded_and_retried() {
     db.batch_execute("SELECT outbox.emit('order.created', 'a', '{\"n\": 1}', topic => 'orders')")
         .unwrap();
     assert!(
-        wait_until(TIMEOUT, || state(&mut db, "a").published),
-        "published on the third attempt"
+        wait_until(TIMEOUT, || state(&mut db, "a").attempts == 1),
+        "the refusal is parked"
     );
     let a = state(&mut db, "a");
-    assert_eq!(a.attempts, 2, "two refusals were counted");
+    assert!(!a.published && !a.dead);
     assert!(
         a.error.as_deref().unwrap_or("").contains("InvalidRecord"),
         "error recorded: {:?}",
         a.error
     );
+    assert!(
+        wait_until(TIMEOUT, || state(&mut db, "a").published),
+        "published on the third attempt"
+    );
+    let last_error: String = db
+        .query_one("SELECT last_error FROM outbox.status", &[])
+        .unwrap()
+        .get(0);
+    assert!(last_error.contains("InvalidRecord"), "{last_error}");
     let received = TopicReader::new(&mock.bootstrap_servers(), &["orders"]).read(2, TIMEOUT);
     assert_eq!(received.len(), 2);
     assert_eq!(received[1].key, "a");
@@ -97,9 +107,9 @@ fn poison_event_dies_after_max_attempts_while_other_aggregates_flow() {
     let started = Instant::now();
 
     // Other aggregates flow at once; the poison's later event waits behind it.
-    assert!(wait_until(TIMEOUT, || count_events(
+    assert!(wait_until(TIMEOUT, || count_published(
         &mut db,
-        "aggregate_id LIKE 'b%' AND published_at IS NOT NULL"
+        "e.aggregate_id LIKE 'b%'"
     ) == 20));
     let poison = state(&mut db, "poison");
     assert!(
@@ -115,20 +125,14 @@ fn poison_event_dies_after_max_attempts_while_other_aggregates_flow() {
         "{:?}",
         poison.error
     );
-    assert_eq!(
-        count_events(
-            &mut db,
-            "aggregate_id = 'poison' AND published_at IS NOT NULL"
-        ),
-        0
-    );
+    assert_eq!(count_published(&mut db, "e.aggregate_id = 'poison'"), 0);
 
     // More events while the poison is in backoff: they flow too.
     db.batch_execute("SELECT outbox.emit('order.created', 'c' || g, '{}', topic => 'orders') FROM generate_series(1, 10) g")
         .unwrap();
-    assert!(wait_until(TIMEOUT, || count_events(
+    assert!(wait_until(TIMEOUT, || count_published(
         &mut db,
-        "aggregate_id LIKE 'c%' AND published_at IS NOT NULL"
+        "e.aggregate_id LIKE 'c%'"
     ) == 10));
     assert!(
         !state(&mut db, "poison").dead,
@@ -149,9 +153,9 @@ fn poison_event_dies_after_max_attempts_while_other_aggregates_flow() {
     assert!(cluster.wait_for_log("is dead after 4 failed attempts", Duration::from_secs(5)));
 
     // The dead event no longer holds its aggregate back.
-    assert!(wait_until(TIMEOUT, || count_events(
+    assert!(wait_until(TIMEOUT, || count_published(
         &mut db,
-        "aggregate_id = 'poison' AND published_at IS NOT NULL"
+        "e.aggregate_id = 'poison'"
     ) == 1));
     let received = TopicReader::new(&mock.bootstrap_servers(), &["orders"]).read(31, TIMEOUT);
     assert_eq!(received.len(), 31);

@@ -44,11 +44,11 @@ fn committed_events_arrive_with_key_headers_and_payload() {
 
     let rows = db
         .query(
-            "SELECT id::text, event_type, aggregate_id, payload::text, coalesce(headers, '{}')::text,
-                    coalesce(topic, event_type),
-                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                    published_at IS NOT NULL, kafka_partition, kafka_offset
-             FROM outbox.events",
+            "SELECT e.id::text, e.event_type, e.aggregate_id, e.payload::text,
+                    coalesce(e.headers, '{}')::text, coalesce(e.topic, e.event_type),
+                    to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                    d.published_at IS NOT NULL, d.kafka_partition, d.kafka_offset
+             FROM outbox.events e LEFT JOIN outbox.deliveries d ON d.event_id = e.id",
             &[],
         )
         .unwrap();
@@ -81,7 +81,7 @@ fn committed_events_arrive_with_key_headers_and_payload() {
             row.get::<_, String>(6),
             "RFC 3339 created-at"
         );
-        assert!(row.get::<_, bool>(7), "published_at is set");
+        assert!(row.get::<_, bool>(7), "the receipt is recorded");
         assert_eq!(Some(message.partition), row.get::<_, Option<i32>>(8));
         assert_eq!(Some(message.offset), row.get::<_, Option<i64>>(9));
     }
@@ -236,9 +236,11 @@ fn worker_waits_for_broker_down_at_start_and_publishes_once_it_is_up() {
     );
     let worker = cluster.worker_pid("postgres").expect("worker running");
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(count_events(&mut db, "published_at IS NOT NULL"), 0);
+    assert_eq!(count_published(&mut db, "true"), 0);
     assert_eq!(
-        count_events(&mut db, "publish_attempts > 0"),
+        db.query_one("SELECT count(*) FROM outbox.parked", &[])
+            .unwrap()
+            .get::<_, i64>(0),
         0,
         "an outage is not the events' fault"
     );
@@ -339,9 +341,8 @@ fn retention_deletes_old_published_events_only() {
     // Not publishable (no such topic on this broker) so it stays: retention never touches it.
     db.batch_execute("SELECT outbox.emit('t', 'x', '{}', topic => 'absent.topic')")
         .unwrap();
-    assert!(wait_until(PUBLISH_TIMEOUT, || count_events(
-        &mut db,
-        "published_at IS NOT NULL"
+    assert!(wait_until(PUBLISH_TIMEOUT, || count_published(
+        &mut db, "true"
     ) == 2500));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
@@ -351,13 +352,23 @@ fn retention_deletes_old_published_events_only() {
     );
     cluster.set("outbox.retention", "2s");
     assert!(
-        wait_until(Duration::from_secs(30), || count_events(
-            &mut db,
-            "published_at IS NOT NULL"
-        ) == 0),
+        wait_until(Duration::from_secs(30), || count_events(&mut db, "true")
+            == 1),
         "published rows older than outbox.retention are deleted"
     );
-    assert_eq!(count_events(&mut db, "published_at IS NULL"), 1);
+    assert_eq!(
+        count_events(&mut db, "aggregate_id = 'x'"),
+        1,
+        "the unpublishable event stays"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || db
+            .query_one("SELECT count(*) FROM outbox.batches", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1),
+        "old receipts go too, all but the newest (the worker's position)"
+    );
 }
 
 #[test]
@@ -371,10 +382,18 @@ fn standby_publishes_only_after_promotion() {
         .unwrap();
     assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
     let mut replica = standby.connect();
-    assert!(wait_until(Duration::from_secs(30), || count_events(
+    assert!(wait_until(Duration::from_secs(30), || count_published(
         &mut replica,
-        "published_at IS NOT NULL"
+        "true"
     ) == 5));
+    let refused = replica
+        .batch_execute("SELECT outbox.emit('t', 'on-standby', '{}')")
+        .unwrap_err();
+    assert_eq!(
+        refused.code().map(|c| c.code()),
+        Some("25006"),
+        "emit() on a standby: {refused}"
+    );
     let outbox_processes: i64 = replica
         .query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'outbox_pg%'",
@@ -415,15 +434,17 @@ fn shutdown_does_not_wait_for_an_absent_broker_and_loses_nothing() {
     drop(db);
     // pg_ctl gives up (and the harness fails) if the worker held shutdown for 60 s.
     cluster.pg_ctl_stop("fast");
-    assert!(cluster
-        .log()
-        .contains("worker for database \"postgres\" stopped"));
 
     let tansu = Tansu::start_on(port);
     tansu.create_topic("t", 1);
     cluster.pg_ctl_start();
     let mut db = cluster.connect();
-    assert_eq!(count_events(&mut db, "publish_attempts > 0"), 0);
+    assert_eq!(
+        db.query_one("SELECT count(*) FROM outbox.parked WHERE attempts > 0", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        0
+    );
     assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
     assert_eq!(
         TopicReader::new(&tansu.bootstrap(), &["t"])
@@ -485,12 +506,7 @@ fn publishing_a_burst_on_a_fresh_table_never_scans_the_whole_table() {
     db.batch_execute("SET enable_seqscan = off").unwrap();
     let mut published = |id: &str| {
         wait_until(PUBLISH_TIMEOUT, || {
-            db.query_one(
-                "SELECT published_at IS NOT NULL FROM outbox.events WHERE id = $1::text::uuid",
-                &[&id],
-            )
-            .unwrap()
-            .get(0)
+            count_published(&mut db, &format!("e.id = '{id}'")) == 1
         })
     };
     let first: String = cluster
@@ -519,14 +535,9 @@ fn publishing_a_burst_on_a_fresh_table_never_scans_the_whole_table() {
     burst.commit().unwrap();
     assert!(published(&last));
 
-    // A background worker reports its table statistics when it exits.
-    let worker = cluster.worker_pid("postgres").unwrap();
-    db.execute("SELECT pg_terminate_backend($1)", &[&worker])
-        .unwrap();
-    assert!(cluster.wait_for_log(
-        "worker for database \"postgres\" stopped",
-        Duration::from_secs(10)
-    ));
+    // The worker reports its table statistics after every transaction; this session's own
+    // lookups went by index only.
+    std::thread::sleep(Duration::from_millis(1500));
     let (sequential, by_index): (i64, i64) = {
         let row = db
             .query_one(

@@ -172,8 +172,17 @@ impl PgCluster {
     }
 
     pub fn connect_to(&self, database: &str) -> postgres::Client {
+        self.connect_as_to("postgres", database)
+    }
+
+    /// A session of `role` (a login role; trust authentication) in database `postgres`.
+    pub fn connect_as(&self, role: &str) -> postgres::Client {
+        self.connect_as_to(role, "postgres")
+    }
+
+    pub fn connect_as_to(&self, role: &str, database: &str) -> postgres::Client {
         let url = format!(
-            "host=127.0.0.1 port={} user=postgres dbname={database}",
+            "host=127.0.0.1 port={} user={role} dbname={database}",
             self.port
         );
         let mut last = None;

@@ -66,12 +66,51 @@ pub fn count_events(client: &mut postgres::Client, condition: &str) -> i64 {
         .get(0)
 }
 
+/// Events of outbox.events (alias `e`) matching a SQL condition that the broker stored.
+pub fn count_published(client: &mut postgres::Client, condition: &str) -> i64 {
+    client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM outbox.events e
+                 WHERE ({condition}) AND e.id IN (SELECT d.event_id FROM outbox.deliveries d)"
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Dead events (outbox.dead_letters, alias `d`) matching a SQL condition.
+pub fn count_dead(client: &mut postgres::Client, condition: &str) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM outbox.dead_letters d WHERE {condition}"),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Parked events (outbox.parked, alias `p`: retrying, waiting or dead) matching a condition.
+pub fn count_parked(client: &mut postgres::Client, condition: &str) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM outbox.parked p WHERE {condition}"),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Events not yet published and not dead (outbox.pending).
+pub fn count_pending(client: &mut postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM outbox.pending", &[])
+        .unwrap()
+        .get(0)
+}
+
 /// Waits until no committed event is left unpublished (dead events excepted).
 pub fn wait_until_published(client: &mut postgres::Client, timeout: Duration) -> bool {
-    wait_until(timeout, || {
-        count_events(
-            client,
-            "published_at IS NULL AND (publish_attempts = 0 OR next_attempt_at IS NOT NULL)",
-        ) == 0
-    })
+    wait_until(timeout, || count_pending(client) == 0)
 }
