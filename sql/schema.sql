@@ -30,8 +30,9 @@ COMMENT ON COLUMN outbox.events.xid IS
 
 -- The worker walks a batch of newly committed events in emission order...
 CREATE INDEX events_seq ON outbox.events (seq, id);
--- ...found by the transactions that committed since its last look.
-CREATE INDEX events_xid ON outbox.events (xid);
+-- ...found by the transactions that committed since its last look (in emission order within
+-- each, for a transaction that commits late with many events).
+CREATE INDEX events_xid ON outbox.events (xid, seq);
 
 -- Sets xid and message_bytes on rows that do not come from emit() (which sets them itself): a
 -- superuser's INSERT or COPY, a restore. Under logical replication (session_replication_role =

@@ -16,6 +16,31 @@ use pgrx::pg_sys;
 
 use crate::process;
 
+/// The end of the WAL inserted so far: every commit record already visible ends at or before
+/// it. (GetXLogInsertRecPtr, at a page boundary, points past the next page's header, beyond
+/// anything written, and XLogFlush refuses such a target.)
+pub fn inserted_wal_end() -> pg_sys::XLogRecPtr {
+    const fn max_aligned(size: usize) -> u64 {
+        size.div_ceil(8) as u64 * 8
+    }
+    let short_header = max_aligned(size_of::<pg_sys::XLogPageHeaderData>());
+    let long_header = max_aligned(size_of::<pg_sys::XLogLongPageHeaderData>());
+    // SAFETY: reading the WAL insert position and the segment size of a running server.
+    let (lsn, segment) = unsafe {
+        (
+            pg_sys::GetXLogInsertRecPtr(),
+            pg_sys::wal_segment_size as u64,
+        )
+    };
+    if lsn % segment == long_header {
+        lsn - long_header
+    } else if lsn % pg_sys::XLOG_BLCKSZ as u64 == short_header {
+        lsn - short_header
+    } else {
+        lsn
+    }
+}
+
 /// Waits until the WAL up to `lsn` is flushed here and, with synchronous replication
 /// configured, flushed by the synchronous standbys. A stop request ends the standby wait early
 /// (the caller then must not publish).

@@ -153,6 +153,53 @@ pub fn in_transaction<R>(activity: &str, f: impl FnOnce() -> R) -> R {
     result
 }
 
+/// How long a statement of ours waits for a lock another session holds (DDL on the outbox
+/// tables) before the transaction gives up, so that signals are served meanwhile.
+const LOCK_WAIT: &str = "500ms";
+
+/// Runs `f` in its own transaction like [`in_transaction`], but a lock wait longer than
+/// LOCK_WAIT rolls the transaction back and returns None: the caller serves signals and tries
+/// again, and is never stuck behind another session's lock.
+pub fn in_transaction_unless_locked<R>(activity: &str, f: impl FnOnce() -> R) -> Option<R> {
+    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        Some(in_transaction(activity, || {
+            set_locally("lock_timeout", LOCK_WAIT);
+            f()
+        }))
+    }))
+    .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
+        // SAFETY: the transaction failed with a lock timeout; aborting it releases its
+        // resources (snapshots, SPI, locks), as a backend's error recovery would.
+        unsafe {
+            pg_sys::AbortCurrentTransaction();
+            pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
+        }
+        None
+    })
+    .execute()
+}
+
+/// Sets a setting for the rest of the current transaction.
+fn set_locally(name: &str, value: &str) {
+    let (name, value) = (
+        CString::new(name).expect("setting names have no NUL"),
+        CString::new(value).expect("setting values have no NUL"),
+    );
+    // SAFETY: inside a transaction; GUC_ACTION_LOCAL ends with it.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            pg_sys::PGERROR as i32,
+            false,
+        );
+    }
+}
+
 /// Runs `f` with interrupts held: a stop request waits until it returns. For the short record
 /// a stopping worker still makes; `f` must not wait on anything unbounded.
 pub fn with_interrupts_held<R>(f: impl FnOnce() -> R) -> R {
@@ -210,6 +257,11 @@ const PINNED: &[(&str, &str)] = &[
     ("synchronous_commit", "on"),
     // The worker's statements are small; compiling them costs more than running them.
     ("jit", "off"),
+    // Every statement of ours is an ordered index walk with a LIMIT; a plan made from stale
+    // statistics (a burst right after a window opened) would otherwise scan or bitmap-scan a
+    // whole transaction's or table's rows and sort them, every round (see worker::queue).
+    ("enable_seqscan", "off"),
+    ("enable_bitmapscan", "off"),
     ("max_parallel_workers_per_gather", "0"),
     ("DateStyle", "ISO, MDY"),
     ("IntervalStyle", "postgres"),

@@ -39,6 +39,8 @@ pub enum WorkerState {
     ReadOnly = 8,
     /// The producer settings do not work; nothing is sent until they are fixed.
     Misconfigured = 9,
+    /// Another session holds a lock on the outbox tables (DDL).
+    WaitingForLock = 10,
 }
 
 impl WorkerState {
@@ -52,6 +54,7 @@ impl WorkerState {
             Self::Paused,
             Self::ReadOnly,
             Self::Misconfigured,
+            Self::WaitingForLock,
         ]
         .into_iter()
         .find(|s| *s as u32 == value)
@@ -68,6 +71,7 @@ impl WorkerState {
             Self::Paused => "paused",
             Self::ReadOnly => "read-only",
             Self::Misconfigured => "misconfigured",
+            Self::WaitingForLock => "waiting for a lock",
         }
     }
 }

@@ -90,7 +90,13 @@ pub struct Publisher {
     settings: ProducerSettings,
     /// Topics the broker confirmed to exist.
     known_topics: Arc<Mutex<HashSet<String>>>,
+    /// Topics the broker said are missing, when, and why: not asked about again for
+    /// MISSING_TOPIC_TTL (a flood of events for a missing topic costs one request a second).
+    missing_topics: Arc<Mutex<HashMap<String, (Instant, String)>>>,
 }
+
+/// How long a topic found missing is taken as missing without asking the broker again.
+const MISSING_TOPIC_TTL: Duration = Duration::from_secs(1);
 
 /// Whether [`Publisher::ensure_topics`] created a topic.
 pub type Created = bool;
@@ -149,6 +155,7 @@ impl Publisher {
             wake,
             settings,
             known_topics: Arc::new(Mutex::new(HashSet::new())),
+            missing_topics: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -234,6 +241,14 @@ impl Publisher {
         unknown
     }
 
+    /// Why `topic` cannot take events, if the broker said it is missing less than
+    /// MISSING_TOPIC_TTL ago.
+    pub fn recently_missing(&self, topic: &str) -> Option<String> {
+        let mut missing = self.missing_topics.lock().expect("not poisoned");
+        missing.retain(|_, (at, _)| at.elapsed() < MISSING_TOPIC_TTL);
+        missing.get(topic).map(|(_, reason)| reason.clone())
+    }
+
     /// Makes sure `topics` exist, on a helper thread: one metadata request for all of them;
     /// with `creation`, missing ones are created and waited for until the broker lists them.
     /// Confirmed topics are remembered. An event for a missing topic would otherwise wait in
@@ -247,6 +262,7 @@ impl Publisher {
         let producer = self.producer.clone();
         let config = self.config.clone();
         let known = self.known_topics.clone();
+        let missing_since = self.missing_topics.clone();
         self.on_helper_thread(move || {
             let deadline = Instant::now() + timeout;
             let mut states = match look_up(&producer, &topics, timeout) {
@@ -295,9 +311,16 @@ impl Publisher {
                 }
             }
             let mut known = known.lock().expect("not poisoned");
+            let mut missing_since = missing_since.lock().expect("not poisoned");
             for (topic, state) in &states {
-                if state.is_ok() {
-                    known.insert(topic.clone());
+                match state {
+                    Ok(()) => {
+                        known.insert(topic.clone());
+                        missing_since.remove(topic);
+                    }
+                    Err(reason) => {
+                        missing_since.insert(topic.clone(), (Instant::now(), reason.clone()));
+                    }
                 }
             }
             TopicReadiness::Known(

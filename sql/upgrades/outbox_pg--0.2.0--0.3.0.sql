@@ -85,7 +85,7 @@ ALTER TABLE outbox.events
     DROP COLUMN published_at, DROP COLUMN publish_attempts, DROP COLUMN error,
     DROP COLUMN next_attempt_at, DROP COLUMN kafka_partition, DROP COLUMN kafka_offset;
 CREATE INDEX events_seq ON outbox.events (seq, id);
-CREATE INDEX events_xid ON outbox.events (xid);
+CREATE INDEX events_xid ON outbox.events (xid, seq);
 
 -- The pause flag becomes the presence of a row.
 -- pause() and resume() first, so the column they read can go (their grants stay).

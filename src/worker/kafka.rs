@@ -208,6 +208,13 @@ impl Kafka {
                     topic.clone(),
                     format!("topic \"{topic}\" is not in outbox.allowed_topics"),
                 );
+            } else if let Some(reason) = how
+                .creation
+                .is_none()
+                .then(|| self.publisher.recently_missing(&topic))
+                .flatten()
+            {
+                refused.insert(topic, reason);
             } else {
                 to_check.insert(topic);
             }

@@ -52,6 +52,9 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     log!("outbox_pg: publishing database \"{name}\"");
     run(&mut publishing);
     log!("outbox_pg: worker for database \"{name}\" stopped");
+    // Everything sent has been recorded; the process exits now. Destroying the producer could
+    // wait for its broker connections, and exit frees it all.
+    std::mem::forget(publishing);
 }
 
 /// Rounds until a stop is requested.

@@ -42,6 +42,15 @@ impl Snapshot {
         Some(Snapshot { xmin, xmax, xip })
     }
 
+    /// The snapshot in which exactly the transactions before `xmax` are visible.
+    pub fn floor(xmax: u64) -> Snapshot {
+        Snapshot {
+            xmin: xmax,
+            xmax,
+            xip: Vec::new(),
+        }
+    }
+
     pub fn text(&self) -> String {
         let xip: Vec<String> = self.xip.iter().map(u64::to_string).collect();
         format!("{}:{}:{}", self.xmin, self.xmax, xip.join(","))
@@ -153,6 +162,7 @@ pub struct Queue {
     late_candidates: Plan,
     events_at: Plan,
     anything_parked: Plan,
+    parked_topics: Plan,
     held_back: Plan,
     due_heads: Plan,
     released_behind: Plan,
@@ -194,23 +204,34 @@ impl Queue {
                 &[],
             ),
             current_snapshot: Plan::prepare("SELECT pg_current_snapshot()::text", &[]),
-            // The new transactions' events of a window: an xid range, bounded on both sides.
+            // The new transactions' events of a window, found by an xid range bounded on both
+            // sides (OFFSET 0: not the min/max shortcut, which would walk events_seq whole).
             window_range: Plan::prepare(
-                "SELECT min(e.seq), max(e.seq) FROM outbox.events e
-                 WHERE e.xid >= $1 AND e.xid < $2 AND pg_visible_in_snapshot(e.xid, $3)",
+                "SELECT min(w.seq), max(w.seq) FROM (
+                     SELECT e.seq FROM outbox.events e
+                     WHERE e.xid >= $1 AND e.xid < $2 AND pg_visible_in_snapshot(e.xid, $3)
+                     OFFSET 0) w",
                 &[XID8OID, XID8OID, PG_SNAPSHOTOID],
             ),
+            // The next of them in (seq, id) order: a walk of events_seq from where the last batch
+            // stopped; the window test is a filter no index could serve (visible in the upper
+            // snapshot, not in the floor snapshot `below.xmax:below.xmax:`).
             range_candidates: Plan::prepare(
                 "SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0) FROM outbox.events e
                  WHERE (e.seq, e.id) > ($1, $2) AND e.seq <= $3
-                   AND e.xid >= $4 AND e.xid < $5 AND pg_visible_in_snapshot(e.xid, $6)
-                 ORDER BY e.seq, e.id LIMIT $7",
-                &[INT8OID, UUIDOID, INT8OID, XID8OID, XID8OID, PG_SNAPSHOTOID, INT8OID],
+                   AND pg_visible_in_snapshot(e.xid, $4) AND NOT pg_visible_in_snapshot(e.xid, $5)
+                 ORDER BY e.seq, e.id LIMIT $6",
+                &[INT8OID, UUIDOID, INT8OID, PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID],
             ),
+            // The next events of the transactions that were running at `below`: each one's
+            // (xid, seq) range from the cursor on, merged.
             late_candidates: Plan::prepare(
-                "SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0) FROM outbox.events e
-                 WHERE e.xid = ANY ($1::text[]::xid8[]) AND (e.seq, e.id) > ($2, $3)
-                 ORDER BY e.seq, e.id LIMIT $4",
+                "SELECT c.* FROM unnest($1::text[]::xid8[]) AS x(xid) CROSS JOIN LATERAL (
+                     SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0)
+                     FROM outbox.events e
+                     WHERE e.xid = x.xid AND e.seq >= $2 AND (e.seq, e.id) > ($2, $3)
+                     ORDER BY e.seq, e.id LIMIT $4) c
+                 ORDER BY 2, 3 LIMIT $4",
                 &[TEXTARRAYOID, INT8OID, UUIDOID, INT8OID],
             ),
             events_at: Plan::prepare(
@@ -222,6 +243,17 @@ impl Queue {
             anything_parked: Plan::prepare(
                 "SELECT EXISTS (SELECT 1 FROM outbox.parked WHERE state <> 'dead' OR $1)",
                 &[BOOLOID],
+            ),
+            // The distinct topics of parked events: a loose index scan over parked_key, one
+            // probe per topic however many events are parked.
+            parked_topics: Plan::prepare(
+                "WITH RECURSIVE t(topic) AS (
+                     SELECT min(topic) FROM outbox.parked
+                     UNION ALL
+                     SELECT (SELECT min(p.topic) FROM outbox.parked p WHERE p.topic > t.topic)
+                     FROM t WHERE t.topic IS NOT NULL)
+                 SELECT topic FROM t WHERE topic IS NOT NULL",
+                &[],
             ),
             held_back: Plan::prepare(
                 "SELECT e.id FROM outbox.events e
@@ -290,7 +322,19 @@ impl Queue {
                 "DELETE FROM outbox.parked WHERE event_id = ANY ($1)",
                 &[UUIDARRAYOID],
             ),
-            advance_keys: Plan::prepare("SELECT outbox.advance_keys($1)", &[UUIDARRAYOID]),
+            // outbox.advance_keys() with a plan the worker keeps (an SQL function is planned
+            // again on every call).
+            advance_keys: Plan::prepare(
+                "UPDATE outbox.parked p SET state = 'retrying', next_attempt_at = clock_timestamp()
+                 FROM (SELECT DISTINCT ON (q.topic, q.aggregate_id) q.event_id, q.state
+                       FROM (SELECT DISTINCT coalesce(e.topic, e.event_type) AS topic, e.aggregate_id
+                             FROM outbox.events e WHERE e.id = ANY ($1)) k
+                       JOIN outbox.parked q ON q.topic = k.topic AND q.aggregate_id = k.aggregate_id
+                       WHERE q.state <> 'dead' OR $2
+                       ORDER BY q.topic, q.aggregate_id, q.seq) head
+                 WHERE p.event_id = head.event_id AND head.state = 'waiting'",
+                &[UUIDARRAYOID, BOOLOID],
+            ),
             // Published events (of transactions visible in $3, not parked) emitted before the
             // cutoff id, in id order from where the last pass stopped.
             expire_events: Plan::prepare(
@@ -367,7 +411,7 @@ impl Queue {
                 .boolean(0, 1)
                 .unwrap_or(false);
             let mut budget = Budget::new(limits);
-            if anything_parked {
+            if anything_parked && limits.retries > 0 {
                 self.claim_parked(&mut claim, &mut budget, limits, dead_holds);
             }
             self.claim_window(&mut claim, position, &mut budget);
@@ -452,9 +496,8 @@ impl Queue {
                     Arg::int8(window.range_after.0),
                     Arg::uuid(window.range_after.1),
                     Arg::int8(last),
-                    Arg::xid8(position.below.xmax),
-                    Arg::xid8(window.upto.xmax),
                     Arg::snapshot(&window.upto.text()),
+                    Arg::snapshot(&Snapshot::floor(position.below.xmax).text()),
                     Arg::int8(want),
                 ],
             ),
@@ -587,10 +630,16 @@ impl Queue {
 
     /// Moves new events of parked topics and keys from the group to `held`.
     fn hold_back_parked_keys(&self, claim: &mut Claim, dead_holds: bool) {
+        let rows = self.parked_topics.run(&[], true);
+        let topics: std::collections::HashSet<String> = (0..rows.len())
+            .filter_map(|i| rows.bytes(i, 1))
+            .filter_map(|bytes| encoding::to_utf8(bytes).ok().map(|t| t.into_owned()))
+            .collect();
+        drop(rows);
         let fresh: Vec<pgrx::Uuid> = claim
             .group
             .iter()
-            .filter(|c| !c.parked)
+            .filter(|c| !c.parked && topics.contains(&c.event.topic))
             .map(|c| pgrx::Uuid::from_bytes(*c.event.id.as_bytes()))
             .collect();
         if fresh.is_empty() {
@@ -621,11 +670,14 @@ impl Queue {
         position: &Position,
         position_moved: bool,
         outcomes: &[(uuid::Uuid, bool, Record)],
+        dead_holds: bool,
     ) {
         spi::connected(|| {
             let mut published = (Vec::new(), Vec::new(), Vec::new());
             let mut parked = ParkedRows::default();
             let mut unparked = Vec::new();
+            // Events whose topic and key may need a new head: a parked event left (published)
+            // or died.
             let mut touched = Vec::new();
             for (id, was_parked, record) in outcomes {
                 let pg_id = pgrx::Uuid::from_bytes(*id.as_bytes());
@@ -636,6 +688,7 @@ impl Queue {
                         published.2.push(*offset);
                         if *was_parked {
                             unparked.push(pg_id);
+                            touched.push(pg_id);
                         }
                     }
                     Record::Retry {
@@ -645,11 +698,11 @@ impl Queue {
                     } => parked.push(pg_id, "retrying", *attempts, Some(*delay), error.as_deref()),
                     Record::Wait => parked.push(pg_id, "waiting", 0, None, None),
                     Record::Dead { attempts, error } => {
-                        parked.push(pg_id, "dead", *attempts, None, Some(error))
+                        parked.push(pg_id, "dead", *attempts, None, Some(error));
+                        touched.push(pg_id);
                     }
-                    Record::Unchanged => continue,
+                    Record::Unchanged => {}
                 }
-                touched.push(pg_id);
             }
             let window = position.window.as_ref();
             let key_args = |key: Option<Key>| match key {
@@ -693,7 +746,8 @@ impl Queue {
                 );
             }
             if !touched.is_empty() {
-                self.advance_keys.run(&[Arg::from_into(touched)], false);
+                self.advance_keys
+                    .run(&[Arg::from_into(touched), Arg::boolean(dead_holds)], false);
             }
         })
     }

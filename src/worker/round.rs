@@ -14,7 +14,6 @@
 use std::time::Duration;
 
 use outbox_pg_core::ordering::{Disposition, Settlement, Shipment};
-use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use super::kafka::{Kafka, Shipping};
@@ -25,6 +24,10 @@ use crate::{durability, guc, process};
 
 /// Failed events retried per round; each is sent and confirmed on its own.
 const RETRIES_PER_ROUND: usize = 16;
+/// While new events fill whole batches, parked events are served at most this often, so that a
+/// flood of failing events costs the flow of the others little (their retries wait at most this
+/// much longer).
+const RETRY_PASS_INTERVAL: Duration = Duration::from_millis(100);
 /// Minimum spacing of the "cannot record" log line.
 const READ_ONLY_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -38,6 +41,8 @@ pub enum RoundEnd {
     Paused,
     /// The database refuses writes: nothing was claimed.
     ReadOnly,
+    /// Another session holds a lock on the outbox tables (DDL): nothing was claimed.
+    Locked,
 }
 
 /// What the worker publishes with: a ready queue, a producer, and where it stands.
@@ -50,6 +55,10 @@ pub struct Publishing {
     retention: Retention,
     read_only_since: Option<std::time::Instant>,
     read_only_logged: Option<std::time::Instant>,
+    lock_logged: Option<std::time::Instant>,
+    /// The last round claimed a full batch of new events.
+    busy: bool,
+    retries_served_at: std::time::Instant,
 }
 
 impl Publishing {
@@ -79,6 +88,9 @@ impl Publishing {
             retention: Retention::new(),
             read_only_since: None,
             read_only_logged: None,
+            lock_logged: None,
+            busy: false,
+            retries_served_at: std::time::Instant::now(),
         }
     }
 
@@ -88,13 +100,17 @@ impl Publishing {
 
     /// One round: claim → make durable → ship → record.
     pub fn round(&mut self) -> RoundEnd {
+        let serve_parked = !self.busy || self.retries_served_at.elapsed() >= RETRY_PASS_INTERVAL;
+        if serve_parked {
+            self.retries_served_at = std::time::Instant::now();
+        }
         let limits = Limits {
             events: guc::BATCH_SIZE.get().max(1) as usize,
             bytes: guc::BATCH_BYTES.get().max(1) as usize,
-            retries: RETRIES_PER_ROUND,
+            retries: if serve_parked { RETRIES_PER_ROUND } else { 0 },
         };
         let dead_holds = guc::dead_events_hold();
-        let claimed = process::in_transaction("outbox_pg: claiming events", || {
+        let claimed = process::in_transaction_unless_locked("outbox_pg: claiming events", || {
             if self.queue.paused() {
                 return Err(RoundEnd::Paused);
             }
@@ -103,14 +119,16 @@ impl Publishing {
             }
             let claim = self.queue.claim(&self.position, limits, dead_holds);
             // Every commit the claim saw is in the WAL before this point.
-            // SAFETY: reading the WAL insert position inside a transaction.
-            Ok((claim, unsafe { pg_sys::GetXLogInsertRecPtr() }))
+            Ok((claim, durability::inserted_wal_end()))
         });
         let (claim, visible_up_to) = match claimed {
-            Ok(claimed) => claimed,
-            Err(end) => return self.blocked(end),
+            Some(Ok(claimed)) => claimed,
+            Some(Err(end)) => return self.blocked(end),
+            None => return self.blocked(RoundEnd::Locked),
         };
         self.read_only_since = None;
+        self.busy =
+            claim.group.iter().filter(|c| !c.parked).count() + claim.held.len() >= limits.events;
         if claim.singles.is_empty()
             && claim.group.is_empty()
             && claim.held.is_empty()
@@ -134,19 +152,34 @@ impl Publishing {
             .iter()
             .filter(|(_, _, r)| matches!(r, Record::Published { .. }))
             .count();
-        let record = || {
-            process::in_transaction("outbox_pg: recording outcomes", || {
-                self.queue.record(&next, claim.next.is_some(), &records)
-            })
-        };
-        if process::stop_requested() {
-            // Record what the broker has before exiting; a lock wait must not hold the stop up.
-            process::with_interrupts_held(|| {
-                process::set_for_session("lock_timeout", "1s");
-                record();
-            });
-        } else {
-            record();
+        // What was sent must be recorded: lock waits are retried (serving signals meanwhile);
+        // a stop waits for the record (interrupts held), but for one lock wait at most.
+        loop {
+            let recorded = if process::stop_requested() {
+                process::with_interrupts_held(|| {
+                    process::in_transaction_unless_locked("outbox_pg: recording outcomes", || {
+                        self.queue
+                            .record(&next, claim.next.is_some(), &records, dead_holds)
+                    })
+                })
+            } else {
+                process::in_transaction_unless_locked("outbox_pg: recording outcomes", || {
+                    self.queue
+                        .record(&next, claim.next.is_some(), &records, dead_holds)
+                })
+            };
+            if recorded.is_some() {
+                break;
+            }
+            self.note_lock_wait();
+            if process::stop_requested() {
+                warning!(
+                    "outbox_pg: stopping before the outcomes of {} sent events could be recorded (a lock on the outbox tables); they will be sent again",
+                    records.len()
+                );
+                return RoundEnd::Idle;
+            }
+            process::wait(Duration::from_millis(100), None);
         }
         self.position = next;
         if published > 0 {
@@ -231,10 +264,26 @@ impl Publishing {
         }
     }
 
-    /// A round that could not claim: paused, or a database that refuses writes (logged at most
-    /// once a minute while it lasts).
+    /// Logs at most once a minute that a lock held by another session keeps the worker waiting.
+    fn note_lock_wait(&mut self) {
+        self.slot.set_state(WorkerState::WaitingForLock);
+        if self
+            .lock_logged
+            .is_none_or(|at| at.elapsed() >= READ_ONLY_LOG_INTERVAL)
+        {
+            log!(
+                "outbox_pg: waiting in database \"{}\": another session holds a lock on the outbox tables",
+                self.database
+            );
+            self.lock_logged = Some(std::time::Instant::now());
+        }
+    }
+
+    /// A round that could not claim: paused, a database that refuses writes, or a lock held by
+    /// another session (logged at most once a minute while it lasts).
     fn blocked(&mut self, end: RoundEnd) -> RoundEnd {
         match end {
+            RoundEnd::Locked => self.note_lock_wait(),
             RoundEnd::Paused => self.slot.set_state(WorkerState::Paused),
             RoundEnd::ReadOnly => {
                 self.slot.set_state(WorkerState::ReadOnly);
@@ -267,7 +316,7 @@ impl Publishing {
     pub fn idle(&mut self, timeout: Duration) {
         if !matches!(
             self.slot.report().state,
-            Some(WorkerState::Paused | WorkerState::ReadOnly)
+            Some(WorkerState::Paused | WorkerState::ReadOnly | WorkerState::WaitingForLock)
         ) {
             self.slot.set_state(if self.kafka.broker_unreachable() {
                 WorkerState::BrokerUnreachable

@@ -194,3 +194,527 @@ fn look_alike_objects_cannot_hijack_functions_with_elevated_rights() {
         "every SQL-level SECURITY DEFINER function pins search_path"
     );
 }
+
+/// Functions the worker's statements call, as (name, arguments, result, the real call).
+const LOOK_ALIKE_FUNCTIONS: &[(&str, &str, &str, &str)] = &[
+    (
+        "clock_timestamp",
+        "",
+        "timestamptz",
+        "pg_catalog.clock_timestamp()",
+    ),
+    ("now", "", "timestamptz", "pg_catalog.now()"),
+    (
+        "pg_current_snapshot",
+        "",
+        "pg_snapshot",
+        "pg_catalog.pg_current_snapshot()",
+    ),
+    (
+        "pg_current_xact_id",
+        "",
+        "xid8",
+        "pg_catalog.pg_current_xact_id()",
+    ),
+    (
+        "pg_visible_in_snapshot",
+        "a xid8, b pg_snapshot",
+        "boolean",
+        "pg_catalog.pg_visible_in_snapshot(a, b)",
+    ),
+    (
+        "pg_snapshot_xmax",
+        "a pg_snapshot",
+        "xid8",
+        "pg_catalog.pg_snapshot_xmax(a)",
+    ),
+    (
+        "pg_snapshot_xip",
+        "a pg_snapshot",
+        "SETOF xid8",
+        "pg_catalog.pg_snapshot_xip(a)",
+    ),
+    (
+        "current_setting",
+        "a text",
+        "text",
+        "pg_catalog.current_setting(a)",
+    ),
+    (
+        "unnest",
+        "a anyarray",
+        "SETOF anyelement",
+        "pg_catalog.unnest(a)",
+    ),
+    (
+        "octet_length",
+        "a text",
+        "integer",
+        "pg_catalog.octet_length(a)",
+    ),
+    ("lower", "a text", "text", "pg_catalog.lower(a)"),
+];
+
+/// Operators the worker's statements use, as (operator, left, right, result, real function).
+const LOOK_ALIKE_OPERATORS: &[(&str, &str, &str, &str, &str)] = &[
+    ("=", "uuid", "uuid", "boolean", "uuid_eq"),
+    (">", "uuid", "uuid", "boolean", "uuid_gt"),
+    ("<", "uuid", "uuid", "boolean", "uuid_lt"),
+    ("=", "xid8", "xid8", "boolean", "xid8eq"),
+    (">=", "xid8", "xid8", "boolean", "xid8ge"),
+    ("<", "xid8", "xid8", "boolean", "xid8lt"),
+    (">", "bigint", "bigint", "boolean", "int8gt"),
+    ("<=", "bigint", "bigint", "boolean", "int8le"),
+    ("<", "bigint", "bigint", "boolean", "int8lt"),
+    ("=", "text", "text", "boolean", "texteq"),
+    ("<>", "text", "text", "boolean", "textne"),
+    (
+        "+",
+        "timestamptz",
+        "interval",
+        "timestamptz",
+        "timestamptz_pl_interval",
+    ),
+    (
+        "-",
+        "timestamptz",
+        "interval",
+        "timestamptz",
+        "timestamptz_mi_interval",
+    ),
+    (
+        "*",
+        "double precision",
+        "interval",
+        "interval",
+        "mul_d_interval",
+    ),
+    (
+        "<",
+        "timestamptz",
+        "timestamptz",
+        "boolean",
+        "timestamptz_lt",
+    ),
+    (
+        "<=",
+        "timestamptz",
+        "timestamptz",
+        "boolean",
+        "timestamptz_le",
+    ),
+    ("^", "integer", "integer", "integer", "int4mul"),
+];
+
+/// SQL that plants, in `schema`, a look-alike of every function and operator above: each
+/// records its call in public.canary, then does what the real one does.
+fn look_alikes(schema: &str) -> String {
+    let mut sql = String::new();
+    for (name, arguments, result, real) in LOOK_ALIKE_FUNCTIONS {
+        sql.push_str(&format!(
+            "CREATE FUNCTION {schema}.{name}({arguments}) RETURNS {result} LANGUAGE sql
+                 AS $$ INSERT INTO public.canary VALUES ('{schema}.{name}'); SELECT {real} $$;\n"
+        ));
+    }
+    for (i, (operator, left, right, result, real)) in LOOK_ALIKE_OPERATORS.iter().enumerate() {
+        sql.push_str(&format!(
+            "CREATE FUNCTION {schema}.op_{i}(a {left}, b {right}) RETURNS {result} LANGUAGE sql
+                 AS $$ INSERT INTO public.canary VALUES ('{schema}.{operator}'); SELECT pg_catalog.{real}(a, b) $$;
+             CREATE OPERATOR {schema}.{operator} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = {schema}.op_{i});\n"
+        ));
+    }
+    sql.push_str(&format!(
+        "CREATE FUNCTION {schema}.max_step(a bigint, b bigint) RETURNS bigint LANGUAGE sql
+             AS $$ INSERT INTO public.canary VALUES ('{schema}.max'); SELECT pg_catalog.int8larger(a, b) $$;
+         CREATE AGGREGATE {schema}.max(bigint) (SFUNC = {schema}.max_step, STYPE = bigint);
+         CREATE AGGREGATE {schema}.min(bigint) (SFUNC = {schema}.max_step, STYPE = bigint);\n"
+    ));
+    sql
+}
+
+#[test]
+fn a_database_owner_cannot_run_code_in_the_worker_or_change_what_its_sql_does() {
+    let mock = mock_cluster(&[("orders", 3)]);
+    let cluster = PgCluster::start(&[
+        ("outbox.brokers", &mock.bootstrap_servers()),
+        ("outbox.database", "owned"),
+        ("outbox.poll_interval", "100ms"),
+        ("outbox.retry_backoff", "100ms"),
+        ("outbox.max_attempts", "2"),
+    ]);
+    let mut admin = cluster.connect();
+    admin
+        .batch_execute("CREATE ROLE owner LOGIN CREATEDB; CREATE ROLE app LOGIN")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE owned OWNER owner")
+        .unwrap();
+    let mut superuser = cluster.connect_to("owned");
+    superuser
+        .batch_execute(
+            "CREATE EXTENSION outbox_pg;
+             CREATE TABLE public.canary (what text);
+             GRANT INSERT ON public.canary TO PUBLIC;",
+        )
+        .unwrap();
+    assert!(cluster.wait_for_log("publishing database \"owned\"", TIMEOUT));
+
+    // The database owner plants look-alikes first in the database's search path and in
+    // public, and changes every default a database owner may change.
+    let mut owner = cluster.connect_as_to("owner", "owned");
+    owner.batch_execute("CREATE SCHEMA x").unwrap();
+    owner.batch_execute(&look_alikes("x")).unwrap();
+    owner.batch_execute(&look_alikes("public")).unwrap();
+    owner
+        .batch_execute(
+            "ALTER DATABASE owned SET search_path = x, public, pg_catalog;
+             ALTER DATABASE owned SET statement_timeout = '1ms';
+             ALTER DATABASE owned SET lock_timeout = '1ms';
+             ALTER DATABASE owned SET idle_in_transaction_session_timeout = '1ms';
+             ALTER DATABASE owned SET default_transaction_isolation = 'serializable';
+             ALTER DATABASE owned SET DateStyle = 'SQL, DMY';
+             ALTER DATABASE owned SET TimeZone = 'Pacific/Kiritimati';
+             ALTER DATABASE owned SET IntervalStyle = 'iso_8601';
+             ALTER DATABASE owned SET extra_float_digits = -15;
+             ALTER DATABASE owned SET enable_indexscan = off;
+             ALTER DATABASE owned SET enable_bitmapscan = off;
+             ALTER DATABASE owned SET random_page_cost = 100000;
+             ALTER DATABASE owned SET work_mem = '64kB';",
+        )
+        .unwrap();
+    // The worker's next session is the one the settings apply to.
+    let worker = cluster.worker_pid("owned").unwrap();
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&worker])
+        .unwrap();
+    let worker = wait_for(TIMEOUT, || {
+        cluster.worker_pid("owned").filter(|p| *p != worker)
+    })
+    .expect("a new worker");
+    admin
+        .batch_execute("SELECT pg_stat_reset_single_table_counters('outbox.events'::regclass)")
+        .ok();
+
+    // Every path of the worker: publish, failure and backoff, death, retry, pause and resume,
+    // status, retention.
+    let mut app = cluster.connect_as_to("app", "owned");
+    // The application's own session opts out of the owner's defaults.
+    app.batch_execute(
+        "SET search_path = pg_catalog, public; SET statement_timeout = 0; SET lock_timeout = 0;
+         SET idle_in_transaction_session_timeout = 0; SET default_transaction_isolation = 'read committed';",
+    )
+    .unwrap();
+    app.batch_execute(
+        "SELECT outbox.emit('order.created', g, jsonb_build_object('n', g), topic => 'orders')
+         FROM generate_series(1, 20) g;
+         SELECT outbox.emit('order.created', 'lost', '{}', topic => 'no.such.topic');",
+    )
+    .unwrap();
+    assert!(wait_until(TIMEOUT, || count_dead(&mut superuser, "true") == 1));
+    assert_eq!(count_published(&mut superuser, "true"), 20);
+    superuser
+        .batch_execute(
+            "SELECT outbox.retry(id) FROM outbox.dead_letters;
+             SELECT outbox.pause(); SELECT outbox.resume();
+             SELECT * FROM outbox.status;",
+        )
+        .unwrap();
+    assert!(wait_until(TIMEOUT, || count_dead(
+        &mut superuser,
+        "d.publish_attempts = 2"
+    ) == 1));
+    cluster.set("outbox.retention", "1s");
+    assert!(
+        wait_until(TIMEOUT, || count_events(&mut superuser, "true") == 1),
+        "retention ran"
+    );
+
+    let canary: Vec<String> = column(&mut superuser, "SELECT what FROM public.canary");
+    assert!(
+        canary.is_empty(),
+        "the worker ran the owner's look-alikes: {canary:?}"
+    );
+    assert_eq!(
+        cluster.worker_pid("owned"),
+        Some(worker),
+        "no statement of the worker timed out or failed"
+    );
+    for refusal in ["canceling statement", "lock timeout", "could not serialize"] {
+        assert!(!cluster.log().contains(refusal), "{refusal}");
+    }
+    let received = TopicReader::new(&mock.bootstrap_servers(), &["orders"]).read(20, TIMEOUT);
+    assert_eq!(received.len(), 20);
+    assert!(
+        received[0].header("created-at").ends_with('Z'),
+        "timestamps are UTC whatever TimeZone says"
+    );
+}
+
+#[test]
+fn a_role_cannot_record_consumption_for_a_consumer_it_does_not_act_for() {
+    let cluster = PgCluster::start(&[("outbox.database", "parked")]);
+    let mut admin = cluster.connect();
+    admin
+        .batch_execute(
+            "CREATE EXTENSION outbox_pg;
+             CREATE ROLE billing NOLOGIN; CREATE ROLE billing_service LOGIN IN ROLE billing;
+             CREATE ROLE mallory LOGIN;",
+        )
+        .unwrap();
+    let id = "01a21964-ced7-779c-9f2c-a8769333d98f";
+    let mut mallory = cluster.connect_as("mallory");
+    let refused = mallory
+        .batch_execute(&format!("SELECT outbox.consume_once('billing', '{id}')"))
+        .unwrap_err();
+    assert_eq!(refused.code().unwrap().code(), "42501", "{refused}");
+    let in_inbox: i64 = admin
+        .query_one("SELECT count(*) FROM outbox.inbox", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(in_inbox, 0, "nothing was recorded");
+    // Not through SET ROLE either: the check is on the session's login role.
+    let refused = mallory
+        .batch_execute(&format!(
+            "SET ROLE mallory; SELECT outbox.consume_once('billing', '{id}')"
+        ))
+        .unwrap_err();
+    assert_eq!(refused.code().unwrap().code(), "42501");
+    let first: bool = cluster
+        .connect_as("billing_service")
+        .query_one(
+            &format!("SELECT outbox.consume_once('billing', '{id}')"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(first, "billing sees the event as new");
+}
+
+#[test]
+fn topics_outside_allowed_topics_are_refused_at_emit_and_by_the_worker() {
+    let mock = mock_cluster(&[("orders", 1), ("billing.invoice", 1), ("secret", 1)]);
+    let cluster = PgCluster::with_outbox(
+        &mock.bootstrap_servers(),
+        &[
+            ("outbox.allowed_topics", "orders, billing.*"),
+            ("outbox.retry_backoff", "100ms"),
+            ("outbox.max_attempts", "2"),
+        ],
+    );
+    let mut admin = cluster.connect();
+    admin.batch_execute("CREATE ROLE app LOGIN").unwrap();
+    let mut app = cluster.connect_as("app");
+    app.batch_execute(
+        "SELECT outbox.emit('order.created', 1, '{}', topic => 'orders');
+         SELECT outbox.emit('invoice.sent', 2, '{}', topic => 'billing.invoice');",
+    )
+    .unwrap();
+    let refused = app
+        .batch_execute("SELECT outbox.emit('x', 3, '{}', topic => 'secret')")
+        .unwrap_err();
+    let error = refused.as_db_error().unwrap();
+    assert_eq!(error.code().code(), "42501");
+    assert!(
+        error.message().contains("\"secret\""),
+        "{}",
+        error.message()
+    );
+    let internal = app
+        .batch_execute("SELECT outbox.emit('x', 3, '{}', topic => '__consumer_offsets')")
+        .unwrap_err();
+    assert_eq!(internal.code().unwrap().code(), "22023");
+    assert!(wait_until_published(&mut admin, TIMEOUT));
+
+    // The list is narrowed while an event for billing.* waits: the worker fails it, sends nothing.
+    admin.batch_execute("SELECT outbox.pause()").unwrap();
+    app.batch_execute("SELECT outbox.emit('invoice.sent', 4, '{}', topic => 'billing.invoice')")
+        .unwrap();
+    // A superuser writes a row for a topic no role may emit to.
+    admin
+        .batch_execute(
+            "INSERT INTO outbox.events (id, event_type, aggregate_id, payload, topic)
+             VALUES (gen_random_uuid(), 'x', 5, '{}', 'secret')",
+        )
+        .unwrap();
+    cluster.set("outbox.allowed_topics", "orders");
+    std::thread::sleep(Duration::from_millis(500));
+    admin.batch_execute("SELECT outbox.resume()").unwrap();
+    assert!(wait_until(TIMEOUT, || count_dead(&mut admin, "true") == 2));
+    let errors: Vec<String> = column(&mut admin, "SELECT error FROM outbox.dead_letters");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("is not in outbox.allowed_topics")),
+        "{errors:?}"
+    );
+    let billing = TopicReader::new(&mock.bootstrap_servers(), &["billing.invoice", "secret"])
+        .read(3, Duration::from_secs(3));
+    assert_eq!(billing.len(), 1, "only the event sent while it was allowed");
+}
+
+#[test]
+fn an_advisory_lock_on_the_old_publishing_keys_does_not_stall_publishing() {
+    let mock = mock_cluster(&[("t", 1)]);
+    let cluster = PgCluster::with_outbox(&mock.bootstrap_servers(), &[]);
+    let mut admin = cluster.connect();
+    admin.batch_execute("CREATE ROLE mallory LOGIN").unwrap();
+    let mut mallory = cluster.connect_as("mallory");
+    mallory
+        .batch_execute("SELECT pg_advisory_lock(1869968482, 28536)")
+        .unwrap();
+    let worker = cluster.worker_pid("postgres").unwrap();
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&worker])
+        .unwrap();
+    assert!(wait_for(TIMEOUT, || cluster
+        .worker_pid("postgres")
+        .filter(|p| *p != worker))
+    .is_some());
+    admin
+        .batch_execute("SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 5) g")
+        .unwrap();
+    assert!(
+        wait_until_published(&mut admin, TIMEOUT),
+        "a role's advisory lock holds nothing up"
+    );
+}
+
+#[test]
+fn kafka_config_cannot_load_code_even_for_a_role_granted_the_setting() {
+    let cluster = PgCluster::start(&[("outbox.database", "parked")]);
+    let mut admin = cluster.connect();
+    admin
+        .batch_execute(
+            "CREATE ROLE ops LOGIN; GRANT ALTER SYSTEM ON PARAMETER outbox.kafka_config TO ops;",
+        )
+        .unwrap();
+    let mut ops = cluster.connect_as("ops");
+    for property in [
+        "plugin.library.paths",
+        "ssl.engine.location",
+        "ssl.providers",
+        "sasl.kerberos.kinit.cmd",
+    ] {
+        for db in [&mut admin, &mut ops] {
+            let refused = db
+                .batch_execute(&format!(
+                    "ALTER SYSTEM SET outbox.kafka_config = '{property}=/tmp/secret-path.so'"
+                ))
+                .unwrap_err();
+            let error = refused.as_db_error().unwrap();
+            assert_eq!(error.code().code(), "22023");
+            let detail = error.detail().unwrap_or_default();
+            assert!(detail.contains(property), "{detail}");
+            assert!(
+                !detail.contains("secret-path"),
+                "the value is never echoed: {detail}"
+            );
+        }
+    }
+    // TLS file locations stay allowed.
+    ops.batch_execute("ALTER SYSTEM SET outbox.kafka_config = 'ssl.ca.location=/etc/ssl/certs/ca-certificates.crt'")
+        .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(wait_until(TIMEOUT, || show(
+        &mut admin,
+        "outbox.kafka_config"
+    )
+    .starts_with("ssl.ca")));
+    // Written to postgresql.auto.conf by hand: refused at reload, logged by name.
+    let mark = cluster.log_mark();
+    let conf = cluster.data().join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("outbox.kafka_config = 'plugin.library.paths=/tmp/secret-path.so'\n");
+    std::fs::write(&conf, text).unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(cluster.wait_for_log_after(
+        mark,
+        "property \"plugin.library.paths\" loads code or runs a command",
+        TIMEOUT
+    ));
+    assert_eq!(
+        show(&mut admin, "outbox.kafka_config"),
+        "ssl.ca.location=/etc/ssl/certs/ca-certificates.crt",
+        "the previous value stays"
+    );
+}
+
+fn show(db: &mut postgres::Client, name: &str) -> String {
+    db.query_one(&format!("SHOW {name}"), &[]).unwrap().get(0)
+}
+
+/// Time from the commit of `count` events (one transaction, as role `role`) until the worker
+/// has recorded all of them as published.
+fn burst_drain(cluster: &PgCluster, role: &str, count: i64, topic: &str) -> Duration {
+    let mut admin = cluster.connect();
+    let mark = receipts_mark(&mut admin);
+    let mut db = cluster.connect_as(role);
+    db.execute(
+        &format!(
+            "SELECT outbox.emit('burst', g, jsonb_build_object('g', g), topic => '{topic}')
+             FROM generate_series(1, $1::bigint) g"
+        ),
+        &[&count],
+    )
+    .unwrap();
+    let committed = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(300), || published_since(
+            &mut admin, mark
+        ) >= count),
+        "the burst is published"
+    );
+    committed.elapsed()
+}
+
+#[test]
+fn one_roles_failing_events_do_not_stall_another_roles_events() {
+    let mock = mock_cluster(&[("orders", 3)]);
+    let cluster = PgCluster::with_outbox(
+        &mock.bootstrap_servers(),
+        &[
+            ("outbox.retry_backoff", "200ms"),
+            ("outbox.max_attempts", "1000"),
+            ("outbox.retention", "-1"),
+        ],
+    );
+    let mut admin = cluster.connect();
+    admin
+        .batch_execute("CREATE ROLE app LOGIN; CREATE ROLE mallory LOGIN;")
+        .unwrap();
+    // Warm up (producer connected, topic confirmed), then the burst alone.
+    burst_drain(&cluster, "app", 1_000, "orders");
+    let alone = burst_drain(&cluster, "app", 50_000, "orders");
+
+    // A role with nothing but EXECUTE on emit sends 100,000 events to a topic that does not
+    // exist, for aggregate ids 1..100,000.
+    cluster
+        .connect_as("mallory")
+        .batch_execute(
+            "SELECT outbox.emit('x', g, '{}', topic => 'no-such-topic') FROM generate_series(1, 100000) g",
+        )
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(300), || count_parked(
+            &mut admin,
+            "p.topic = 'no-such-topic'"
+        ) == 100_000),
+        "every failing event is parked"
+    );
+    // The other role's burst, for overlapping aggregate ids, while those retry.
+    let behind = burst_drain(&cluster, "app", 50_000, "orders");
+    let retrying = count_parked(&mut admin, "p.topic = 'no-such-topic' AND p.attempts > 1");
+    let ratio = alone.as_secs_f64() / behind.as_secs_f64();
+    println!(
+        "50,000 events: {alone:?} alone, {behind:?} behind 100,000 failing events ({ratio:.2}x; {retrying} retried meanwhile)"
+    );
+    assert!(
+        retrying > 0,
+        "the failing events were being retried meanwhile"
+    );
+    assert!(
+        ratio >= 0.8,
+        "drain behind the failing events is {ratio:.2}x the drain alone ({alone:?} vs {behind:?})"
+    );
+    assert_eq!(count_published(&mut admin, "e.topic = 'no-such-topic'"), 0);
+}

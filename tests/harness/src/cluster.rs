@@ -218,6 +218,22 @@ impl PgCluster {
         wait_until(timeout, || self.log().contains(needle))
     }
 
+    /// Where the server log ends now: pass it to [`PgCluster::wait_for_log_after`] so that a
+    /// line written before this point cannot match.
+    pub fn log_mark(&self) -> usize {
+        self.log().len()
+    }
+
+    /// The server log written after `mark`.
+    pub fn log_after(&self, mark: usize) -> String {
+        self.log().get(mark..).unwrap_or_default().to_string()
+    }
+
+    /// Waits until the log written after `mark` contains `needle`.
+    pub fn wait_for_log_after(&self, mark: usize, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log_after(mark).contains(needle))
+    }
+
     /// Pid of the database worker for `database`, from pg_stat_activity.
     pub fn worker_pid(&self, database: &str) -> Option<i32> {
         let mut client = self.connect();

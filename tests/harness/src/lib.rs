@@ -110,6 +110,25 @@ pub fn count_pending(client: &mut postgres::Client) -> i64 {
         .get(0)
 }
 
+/// The newest receipt row: receipts recorded after it are counted by [`published_since`].
+pub fn receipts_mark(client: &mut postgres::Client) -> i64 {
+    client
+        .query_one("SELECT coalesce(max(id), 0) FROM outbox.batches", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Events published in receipt rows recorded after `mark` (cheap: only new rows are read).
+pub fn published_since(client: &mut postgres::Client, mark: i64) -> i64 {
+    client
+        .query_one(
+            "SELECT coalesce(sum(cardinality(event_ids)), 0)::bigint FROM outbox.batches WHERE id > $1",
+            &[&mark],
+        )
+        .unwrap()
+        .get(0)
+}
+
 /// Waits until no committed event is left unpublished (dead events excepted).
 pub fn wait_until_published(client: &mut postgres::Client, timeout: Duration) -> bool {
     wait_until(timeout, || count_pending(client) == 0)
