@@ -103,8 +103,30 @@ fn wait_until_ready(slot: &'static WorkerSlot, database: &str) -> Option<Publish
             match installed.as_deref() {
                 Some(v) if v == library => match Kafka::new(slot) {
                     Ok(kafka) => {
-                        let queue = process::in_transaction("outbox_pg: preparing", Queue::prepare);
-                        return Some(Publishing::new(slot, database.to_string(), queue, kafka));
+                        // Preparing reads the tables: DDL holding them makes it wait (bounded).
+                        let prepared = process::in_transaction_unless_locked(
+                            "outbox_pg: preparing",
+                            || {
+                                let queue = Queue::prepare();
+                                let position = queue.position();
+                                (queue, position)
+                            },
+                        );
+                        match prepared {
+                            Some((queue, position)) => {
+                                return Some(Publishing::new(
+                                    slot,
+                                    database.to_string(),
+                                    queue,
+                                    kafka,
+                                    position,
+                                ))
+                            }
+                            None => note(
+                                WorkerState::WaitingForLock,
+                                "another session holds a lock on the outbox tables",
+                            ),
+                        }
                     }
                     Err(error) => {
                         slot.record_error(&error);

@@ -61,13 +61,18 @@ impl Retention {
         // The smallest UUIDv7 of the cutoff millisecond: every event emitted before it is below.
         let cutoff = uuid::Builder::from_unix_timestamp_millis(cutoff.as_millis() as u64, &[0; 10])
             .into_uuid();
-        let (scanned, deleted_batches) =
-            process::in_transaction("outbox_pg: expiring published events", || {
+        let Some((scanned, deleted_batches)) =
+            process::in_transaction_unless_locked("outbox_pg: expiring published events", || {
                 (
                     queue.expire_events(self.events_after, cutoff, below, CHUNK),
                     queue.expire_batches(self.batches_after, retention, CHUNK),
                 )
-            });
+            })
+        else {
+            // Another session holds a lock on the outbox tables: next time.
+            self.last_run = Some(Instant::now());
+            return false;
+        };
         // Stop before the first event not yet handled (it is expirable soon), unless the scan
         // has waited there too long.
         let mut more = scanned.len() >= CHUNK;

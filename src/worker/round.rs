@@ -62,11 +62,15 @@ pub struct Publishing {
 }
 
 impl Publishing {
-    pub fn new(slot: &'static WorkerSlot, database: String, queue: Queue, kafka: Kafka) -> Self {
-        let position = process::in_transaction("outbox_pg: reading the position", || {
-            queue.position()
-        })
-        .unwrap_or_else(|| {
+    /// Ready to publish from `position` (None: outbox.batches was emptied by hand).
+    pub fn new(
+        slot: &'static WorkerSlot,
+        database: String,
+        queue: Queue,
+        kafka: Kafka,
+        position: Option<Position>,
+    ) -> Self {
+        let position = position.unwrap_or_else(|| {
             warning!(
                 "outbox_pg: outbox.batches holds no position in database \"{database}\"; publishing every event in outbox.events"
             );

@@ -551,7 +551,10 @@ fn catalogue(published_id: &str) -> Vec<Case> {
         ),
         case(
             "kafka_config running a kinit command",
-            set("outbox.kafka_config", "sasl.kerberos.kinit.cmd=touch /tmp/x"),
+            set(
+                "outbox.kafka_config",
+                "sasl.kerberos.kinit.cmd=touch /tmp/x",
+            ),
             "22023",
             "property \"sasl.kerberos.kinit.cmd\" loads code or runs a command",
         ),

@@ -84,6 +84,12 @@ impl PgCluster {
     }
 
     pub fn start_standby(&self) -> PgCluster {
+        self.start_standby_as("walreceiver")
+    }
+
+    /// A streaming standby (pg_basebackup) whose walreceiver connects as `application_name`,
+    /// the name `synchronous_standby_names` refers to.
+    pub fn start_standby_as(&self, application_name: &str) -> PgCluster {
         let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/tmp/outbox_pg_e2e/{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -98,12 +104,11 @@ impl PgCluster {
             "-D",
             standby.data().to_str().unwrap(),
             "-R",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
+            "-d",
+            &format!(
+                "host=127.0.0.1 port={} user=postgres application_name={application_name}",
+                self.port
+            ),
             "-X",
             "stream",
         ]);

@@ -32,6 +32,10 @@ impl Received {
 
 pub struct TopicReader {
     consumer: BaseConsumer,
+    /// Every assigned (topic, partition).
+    partitions: Vec<(String, i32)>,
+    /// The next offset to read, per partition, as far as this reader got.
+    next: std::cell::RefCell<HashMap<(String, i32), i64>>,
 }
 
 impl TopicReader {
@@ -57,6 +61,7 @@ impl TopicReader {
             .create()
             .expect("consumer");
         let mut assignment = TopicPartitionList::new();
+        let mut partition_list = Vec::new();
         for topic in topics {
             let partitions = crate::wait_for(Duration::from_secs(30), || {
                 let metadata = consumer
@@ -70,10 +75,70 @@ impl TopicReader {
                 assignment
                     .add_partition_offset(topic, partition, Offset::Beginning)
                     .unwrap();
+                partition_list.push((topic.to_string(), partition));
             }
         }
         consumer.assign(&assignment).expect("assign");
-        TopicReader { consumer }
+        TopicReader {
+            consumer,
+            partitions: partition_list,
+            next: Default::default(),
+        }
+    }
+
+    /// Reads everything the broker holds on the assigned partitions: until every partition's
+    /// high watermark is reached and nothing new arrived for `quiet`. A reader that stops at an
+    /// expected count could let a duplicate hide a loss, or miss a late phantom.
+    pub fn read_all(&self, quiet: Duration, timeout: Duration) -> Vec<Received> {
+        let mut received = Vec::new();
+        self.read_all_into(&mut received, quiet, timeout);
+        received
+    }
+
+    pub fn read_all_into(&self, received: &mut Vec<Received>, quiet: Duration, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last_message = Instant::now();
+        while Instant::now() < deadline {
+            if let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(50)) {
+                let message = decode(&message);
+                self.note(&message);
+                received.push(message);
+                last_message = Instant::now();
+                continue;
+            }
+            if last_message.elapsed() >= quiet && self.caught_up() {
+                return;
+            }
+        }
+        panic!("the topics were not read to their end within {timeout:?}");
+    }
+
+    /// True when this reader got every partition's messages up to its high watermark.
+    fn caught_up(&self) -> bool {
+        let next = self.next.borrow();
+        self.partitions.iter().all(|(topic, partition)| {
+            match self
+                .consumer
+                .fetch_watermarks(topic, *partition, Duration::from_secs(5))
+            {
+                Ok((low, high)) => {
+                    high <= low
+                        || next
+                            .get(&(topic.clone(), *partition))
+                            .copied()
+                            .unwrap_or(low)
+                            >= high
+                }
+                Err(_) => false,
+            }
+        })
+    }
+
+    fn note(&self, message: &Received) {
+        self.next.borrow_mut().insert(
+            (message.topic.clone(), message.partition),
+            message.offset + 1,
+        );
     }
 
     /// Reads until `expected` messages arrived in total or `timeout` passed.
@@ -88,7 +153,9 @@ impl TopicReader {
         let deadline = Instant::now() + timeout;
         while received.len() < expected && Instant::now() < deadline {
             if let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(50)) {
-                received.push(decode(&message));
+                let message = decode(&message);
+                self.note(&message);
+                received.push(message);
             }
         }
     }
