@@ -13,38 +13,47 @@ AS $$
     FROM outbox.batches ORDER BY id DESC LIMIT 1
 $$;
 
--- Events not yet published and not dead: queued (committed, not reached yet), retrying, or
--- waiting behind an earlier event of their topic and key. Every part is an index range over
--- what is still to come, never over published history.
-CREATE VIEW outbox.pending AS
-WITH position AS (SELECT * FROM outbox.position()),
-queued AS (
+-- Committed events the worker has not reached yet (parked ones among them). Every part is an
+-- index range over what is still to come, never over published history. Tables only (no
+-- views), so that pg_dump can use it under restrict_nonsystem_relation_kind.
+CREATE FUNCTION outbox.queued()
+    RETURNS TABLE (id uuid, seq bigint, event_type text, aggregate_id text, topic text,
+                   created_at timestamptz)
+    LANGUAGE sql STABLE
+BEGIN ATOMIC
+    WITH position AS (SELECT * FROM outbox.position())
     -- The current window: new transactions, not walked yet...
-    SELECT e.* FROM position g, outbox.events e
+    SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
+    FROM position g, outbox.events e
     WHERE g.upto IS NOT NULL
       AND e.xid >= pg_snapshot_xmax(g.below) AND e.xid < pg_snapshot_xmax(g.upto)
       AND pg_visible_in_snapshot(e.xid, g.upto)
       AND (g.range_after_seq IS NULL OR (e.seq, e.id) > (g.range_after_seq, g.range_after_id))
     UNION ALL
     -- ...transactions that were running at its start, not walked yet...
-    SELECT e.* FROM position g, outbox.events e
+    SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
+    FROM position g, outbox.events e
     WHERE g.upto IS NOT NULL
       AND e.xid IN (SELECT pg_snapshot_xip(g.below)) AND pg_visible_in_snapshot(e.xid, g.upto)
       AND (g.late_after_seq IS NULL OR (e.seq, e.id) > (g.late_after_seq, g.late_after_id))
     UNION ALL
     -- ...and everything committed after it.
-    SELECT e.* FROM position g, outbox.events e,
-           LATERAL (SELECT coalesce(g.upto, g.below) AS last) w
+    SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
+    FROM position g, outbox.events e,
+         LATERAL (SELECT coalesce(g.upto, g.below) AS last) w
     WHERE e.xid >= pg_snapshot_xmax(w.last)
     UNION ALL
-    SELECT e.* FROM position g, outbox.events e,
-           LATERAL (SELECT coalesce(g.upto, g.below) AS last) w
-    WHERE e.xid IN (SELECT pg_snapshot_xip(w.last))
-)
+    SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
+    FROM position g, outbox.events e,
+         LATERAL (SELECT coalesce(g.upto, g.below) AS last) w
+    WHERE e.xid IN (SELECT pg_snapshot_xip(w.last));
+END;
+
+CREATE VIEW outbox.pending AS
 SELECT q.id, q.seq, q.event_type, q.aggregate_id, coalesce(q.topic, q.event_type) AS topic,
        q.created_at, 'queued'::text AS state, 0 AS attempts,
        NULL::timestamptz AS next_attempt_at, NULL::text AS error
-FROM queued q
+FROM outbox.queued() q
 WHERE NOT EXISTS (SELECT 1 FROM outbox.parked p WHERE p.event_id = q.id)
 UNION ALL
 SELECT e.id, e.seq, e.event_type, e.aggregate_id, p.topic, e.created_at, p.state, p.attempts,
@@ -73,6 +82,13 @@ FROM outbox.batches b,
 
 COMMENT ON VIEW outbox.deliveries IS 'One row per published event: when, and at which partition and offset.';
 
+-- How many events are pending and since when, for readers of outbox.status.
+CREATE FUNCTION outbox.backlog() RETURNS TABLE (pending bigint, oldest_created_at timestamptz)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT count(*), min(q.created_at) FROM outbox.pending q;
+END;
+
 -- One row for this database: its worker as seen in shared memory, and the outbox's backlog.
 CREATE VIEW outbox.status AS
 SELECT current_database()::text                                   AS database,
@@ -89,18 +105,10 @@ SELECT current_database()::text                                   AS database,
        w.wakeups,
        EXISTS (SELECT 1 FROM pg_subscription_rel r
                WHERE r.srrelid = 'outbox.events'::regclass)       AS replicated_here
-FROM outbox.worker_state() w,
-     LATERAL (SELECT count(*) AS pending, min(created_at) AS oldest_created_at
-              FROM outbox.pending) p;
+FROM outbox.worker_state() w, outbox.backlog() p;
 
 COMMENT ON VIEW outbox.status IS
     'This database''s outbox worker: state, backlog, dead events, throughput, last error, broker connectivity, and whether outbox.events arrives by logical replication.';
-
--- Events a dump must carry: everything not yet published, dead events included.
-CREATE VIEW outbox.unsent AS
-SELECT id FROM outbox.pending
-UNION ALL
-SELECT event_id FROM outbox.parked WHERE state = 'dead';
 
 -- Makes sure the first event of each topic and key of `event_ids` that holds the key back is
 -- the one being retried (after the one before it was published, discarded or died).
@@ -217,16 +225,16 @@ END;
 
 REVOKE ALL ON FUNCTION outbox.retry(uuid), outbox.retry_dead(), outbox.discard(uuid),
                        outbox.pause(), outbox.resume(), outbox.wake(), outbox.worker_state(),
-                       outbox.position(), outbox.advance_keys(uuid[]) FROM PUBLIC;
-REVOKE ALL ON outbox.status, outbox.pending, outbox.dead_letters, outbox.deliveries, outbox.unsent
-    FROM PUBLIC;
+                       outbox.position(), outbox.queued(), outbox.backlog(),
+                       outbox.advance_keys(uuid[]) FROM PUBLIC;
+REVOKE ALL ON outbox.status, outbox.pending, outbox.dead_letters, outbox.deliveries FROM PUBLIC;
 GRANT SELECT ON outbox.status TO pg_monitor;
-GRANT EXECUTE ON FUNCTION outbox.worker_state(), outbox.position() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION outbox.worker_state(), outbox.position(), outbox.backlog() TO pg_monitor;
 
 -- What pg_dump carries: the events not yet published (dead ones included), parked state, the
 -- inbox, the pause flag and the sequence position. Published history and receipts are not
 -- dumped; a restored database publishes what was unsent.
-SELECT pg_catalog.pg_extension_config_dump('outbox.events', 'WHERE id IN (SELECT u.id FROM outbox.unsent u)');
+SELECT pg_catalog.pg_extension_config_dump('outbox.events', 'WHERE id IN (SELECT q.id FROM outbox.queued() q UNION ALL SELECT p.event_id FROM outbox.parked p)');
 SELECT pg_catalog.pg_extension_config_dump('outbox.parked', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.control', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.events_seq_seq', '');

@@ -996,9 +996,11 @@ mod tests {
             "ALTER TABLE outbox.events ALTER COLUMN created_at SET DEFAULT now();
              ALTER EXTENSION outbox_pg DROP VIEW outbox.status;
              ALTER EXTENSION outbox_pg DROP VIEW outbox.pending;
-             ALTER EXTENSION outbox_pg DROP VIEW outbox.unsent;
+             ALTER EXTENSION outbox_pg DROP FUNCTION outbox.backlog();
+             ALTER EXTENSION outbox_pg DROP FUNCTION outbox.queued();
              ALTER EXTENSION outbox_pg DROP VIEW outbox.dead_letters;
-             DROP VIEW outbox.status, outbox.unsent, outbox.pending, outbox.dead_letters;
+             DROP VIEW outbox.status; DROP FUNCTION outbox.backlog(); DROP VIEW outbox.pending, outbox.dead_letters;
+             DROP FUNCTION outbox.queued();
              ALTER TABLE outbox.events ALTER COLUMN created_at TYPE timestamptz(0);",
         )
         .unwrap();
@@ -1028,9 +1030,11 @@ mod tests {
         Spi::run(
             "ALTER EXTENSION outbox_pg DROP VIEW outbox.status;
              ALTER EXTENSION outbox_pg DROP VIEW outbox.pending;
-             ALTER EXTENSION outbox_pg DROP VIEW outbox.unsent;
+             ALTER EXTENSION outbox_pg DROP FUNCTION outbox.backlog();
+             ALTER EXTENSION outbox_pg DROP FUNCTION outbox.queued();
              ALTER EXTENSION outbox_pg DROP VIEW outbox.dead_letters;
-             DROP VIEW outbox.status, outbox.unsent, outbox.pending, outbox.dead_letters;
+             DROP VIEW outbox.status; DROP FUNCTION outbox.backlog(); DROP VIEW outbox.pending, outbox.dead_letters;
+             DROP FUNCTION outbox.queued();
              ALTER TABLE outbox.events DROP COLUMN headers;",
         )
         .unwrap();

@@ -172,6 +172,7 @@ pub struct Queue {
     advance_keys: Plan,
     expire_events: Plan,
     expire_batches: Plan,
+    subscribed: Plan,
 }
 
 /// Columns of an event row as [`event_at`] reads them, after a leading ctid.
@@ -255,12 +256,16 @@ impl Queue {
                  SELECT topic FROM t WHERE topic IS NOT NULL",
                 &[],
             ),
+            // New events behind a parked one of their topic and key, and events that are
+            // parked themselves (restored by pg_restore, which stamps them anew): the parked
+            // path serves those.
             held_back: Plan::prepare(
-                "SELECT e.id FROM outbox.events e
+                "SELECT e.id, EXISTS (SELECT 1 FROM outbox.parked s WHERE s.event_id = e.id)
+                 FROM outbox.events e
                  WHERE e.id = ANY ($1) AND EXISTS (
                      SELECT 1 FROM outbox.parked p
                      WHERE p.topic = coalesce(e.topic, e.event_type) AND p.aggregate_id = e.aggregate_id
-                       AND (p.state <> 'dead' OR $2))",
+                       AND (p.state <> 'dead' OR $2 OR p.event_id = e.id))",
                 &[UUIDARRAYOID, BOOLOID],
             ),
             // The first parked event of each topic and key is the only one served.
@@ -350,6 +355,11 @@ impl Queue {
                  SELECT s.id, s.handled FROM scanned s ORDER BY s.id",
                 &[UUIDOID, UUIDOID, PG_SNAPSHOTOID, INT8OID],
             ),
+            subscribed: Plan::prepare(
+                "SELECT EXISTS (SELECT 1 FROM pg_subscription_rel r
+                                WHERE r.srrelid = 'outbox.events'::regclass)",
+                &[],
+            ),
             expire_batches: Plan::prepare(
                 "WITH newest AS (SELECT max(id) AS id FROM outbox.batches),
                  scanned AS (
@@ -361,6 +371,16 @@ impl Queue {
                 &[INT8OID, INT8OID, INT8OID],
             ),
         }
+        })
+    }
+
+    /// True if this database receives outbox.events through a logical-replication subscription.
+    pub fn events_are_subscribed(&self) -> bool {
+        spi::connected(|| {
+            self.subscribed
+                .run(&[], true)
+                .boolean(0, 1)
+                .unwrap_or(false)
         })
     }
 
@@ -628,7 +648,8 @@ impl Queue {
         events
     }
 
-    /// Moves new events of parked topics and keys from the group to `held`.
+    /// Moves new events of parked topics and keys from the group to `held`, and drops events
+    /// that are parked themselves.
     fn hold_back_parked_keys(&self, claim: &mut Claim, dead_holds: bool) {
         let rows = self.parked_topics.run(&[], true);
         let topics: std::collections::HashSet<String> = (0..rows.len())
@@ -648,18 +669,23 @@ impl Queue {
         let rows = self
             .held_back
             .run(&[Arg::from_into(fresh), Arg::boolean(dead_holds)], true);
-        let held: std::collections::HashSet<uuid::Uuid> =
-            (0..rows.len()).filter_map(|i| rows.uuid(i, 1)).collect();
+        // Each id, and whether it is parked itself (then it is left to the parked path).
+        let held: HashMap<uuid::Uuid, bool> = (0..rows.len())
+            .filter_map(|i| Some((rows.uuid(i, 1)?, rows.boolean(i, 2)?)))
+            .collect();
         drop(rows);
         if held.is_empty() {
             return;
         }
-        claim.group.retain(|c| {
-            let keep = c.parked || !held.contains(&c.event.id);
-            if !keep {
-                claim.held.push(c.event.id);
+        claim.group.retain(|c| match held.get(&c.event.id) {
+            Some(_) if c.parked => true,
+            Some(parked_itself) => {
+                if !parked_itself {
+                    claim.held.push(c.event.id);
+                }
+                false
             }
-            keep
+            None => true,
         });
     }
 

@@ -63,13 +63,17 @@ impl Retention {
             .into_uuid();
         let Some((scanned, deleted_batches)) =
             process::in_transaction_unless_locked("outbox_pg: expiring published events", || {
-                (
-                    queue.expire_events(self.events_after, cutoff, below, CHUNK),
-                    queue.expire_batches(self.batches_after, retention, CHUNK),
-                )
+                // A database that refuses writes (a freeze) keeps its history until it thaws.
+                (!process::transaction_is_read_only()).then(|| {
+                    (
+                        queue.expire_events(self.events_after, cutoff, below, CHUNK),
+                        queue.expire_batches(self.batches_after, retention, CHUNK),
+                    )
+                })
             })
+            .flatten()
         else {
-            // Another session holds a lock on the outbox tables: next time.
+            // Another session holds a lock on the outbox tables, or writes are refused: next time.
             self.last_run = Some(Instant::now());
             return false;
         };

@@ -30,6 +30,8 @@ const RETRIES_PER_ROUND: usize = 16;
 const RETRY_PASS_INTERVAL: Duration = Duration::from_millis(100);
 /// Minimum spacing of the "cannot record" log line.
 const READ_ONLY_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the worker looks whether outbox.events arrives by logical replication.
+const SUBSCRIPTION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How a round ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +61,8 @@ pub struct Publishing {
     /// The last round claimed a full batch of new events.
     busy: bool,
     retries_served_at: std::time::Instant,
+    /// Whether outbox.events arrives by logical replication, and when that was looked at.
+    subscribed: Option<(bool, std::time::Instant)>,
 }
 
 impl Publishing {
@@ -95,6 +99,7 @@ impl Publishing {
             lock_logged: None,
             busy: false,
             retries_served_at: std::time::Instant::now(),
+            subscribed: None,
         }
     }
 
@@ -156,35 +161,40 @@ impl Publishing {
             .iter()
             .filter(|(_, _, r)| matches!(r, Record::Published { .. }))
             .count();
-        // What was sent must be recorded: lock waits are retried (serving signals meanwhile);
-        // a stop waits for the record (interrupts held), but for one lock wait at most.
+        // What was sent must be recorded: lock waits and a freeze that began meanwhile are
+        // waited out (serving signals); a stop waits for the record (interrupts held), but for
+        // one lock wait at most.
         loop {
-            let recorded = if process::stop_requested() {
-                process::with_interrupts_held(|| {
-                    process::in_transaction_unless_locked("outbox_pg: recording outcomes", || {
-                        self.queue
-                            .record(&next, claim.next.is_some(), &records, dead_holds)
-                    })
-                })
-            } else {
+            let record = || {
                 process::in_transaction_unless_locked("outbox_pg: recording outcomes", || {
+                    if process::transaction_is_read_only() {
+                        return Err(RoundEnd::ReadOnly);
+                    }
                     self.queue
-                        .record(&next, claim.next.is_some(), &records, dead_holds)
+                        .record(&next, claim.next.is_some(), &records, dead_holds);
+                    Ok(())
                 })
             };
-            if recorded.is_some() {
-                break;
-            }
-            self.note_lock_wait();
+            let recorded = if process::stop_requested() {
+                process::with_interrupts_held(record)
+            } else {
+                record()
+            };
+            match recorded {
+                Some(Ok(())) => break,
+                Some(Err(end)) => self.blocked(end),
+                None => self.blocked(RoundEnd::Locked),
+            };
             if process::stop_requested() {
                 warning!(
-                    "outbox_pg: stopping before the outcomes of {} sent events could be recorded (a lock on the outbox tables); they will be sent again",
+                    "outbox_pg: stopping before the outcomes of {} sent events could be recorded; they will be sent again",
                     records.len()
                 );
                 return RoundEnd::Idle;
             }
             process::wait(Duration::from_millis(100), None);
         }
+        self.read_only_since = None;
         self.position = next;
         if published > 0 {
             self.slot.count_published(published as u64);
@@ -311,9 +321,42 @@ impl Publishing {
         end
     }
 
-    /// Expires one chunk of history if it is time; true if more is waiting.
+    /// Expires one chunk of history if it is time; true if more is waiting. Also says, once,
+    /// when outbox.events arrives by logical replication.
     pub fn expire(&mut self) -> bool {
+        self.note_subscription();
         self.retention.run(&self.queue, &self.position.below)
+    }
+
+    fn note_subscription(&mut self) {
+        if self
+            .subscribed
+            .is_some_and(|(_, at)| at.elapsed() < SUBSCRIPTION_CHECK_INTERVAL)
+        {
+            return;
+        }
+        let Some(now) =
+            process::in_transaction_unless_locked("outbox_pg: checking subscriptions", || {
+                self.queue.events_are_subscribed()
+            })
+        else {
+            return;
+        };
+        let before = self.subscribed.map(|(was, _)| was);
+        self.subscribed = Some((now, std::time::Instant::now()));
+        if now && before != Some(true) {
+            if guc::PUBLISH_REPLICATED.get() {
+                log!(
+                    "outbox_pg: outbox.events of database \"{}\" arrives by logical replication; outbox.publish_replicated is on, so replicated events are published here too",
+                    self.database
+                );
+            } else {
+                log!(
+                    "outbox_pg: outbox.events of database \"{}\" arrives by logical replication; replicated events are left to the publisher (outbox.publish_replicated = off)",
+                    self.database
+                );
+            }
+        }
     }
 
     /// Waits up to `timeout` for work, a signal, or a producer report.
