@@ -311,3 +311,26 @@ pub fn pin_session_settings() {
         set_for_session(name, value);
     }
 }
+
+/// The `default_transaction_read_only` that `ALTER DATABASE` / `ALTER ROLE ... SET` give this
+/// session, as the catalog says now (the most specific one), if any. A session applies these
+/// only when it connects: the worker compares this with what it connected with to follow a
+/// freeze set or lifted that way. Inside a transaction.
+pub fn catalog_read_only_default() -> Option<String> {
+    Spi::get_one::<String>(
+        "SELECT c FROM pg_catalog.pg_db_role_setting s, unnest(s.setconfig) c
+         WHERE ((s.setdatabase = (SELECT oid FROM pg_catalog.pg_database
+                                  WHERE datname = pg_catalog.current_database())
+                 AND s.setrole IN (0, (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user)))
+                OR (s.setdatabase = 0
+                    AND s.setrole = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user)))
+           AND lower(split_part(c, '=', 1)) = 'default_transaction_read_only'
+         ORDER BY s.setdatabase <> 0 AND s.setrole <> 0 DESC, s.setrole <> 0 DESC
+         LIMIT 1",
+    )
+    .or_else(|e| match e {
+        pgrx::spi::Error::InvalidPosition => Ok(None), // no such setting
+        e => Err(e),
+    })
+    .unwrap_or_else(|e| pgrx::error!("outbox_pg: reading database settings: {e}"))
+}

@@ -59,7 +59,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
 
 /// Rounds until a stop is requested.
 fn run(publishing: &mut Publishing) {
-    while !process::stop_requested() {
+    while !process::stop_requested() && !publishing.wants_fresh_session() {
         process::exit_if_postmaster_died();
         process::serve_interrupts();
         process::reload_if_requested();

@@ -30,8 +30,9 @@ const RETRIES_PER_ROUND: usize = 16;
 const RETRY_PASS_INTERVAL: Duration = Duration::from_millis(100);
 /// Minimum spacing of the "cannot record" log line.
 const READ_ONLY_LOG_INTERVAL: Duration = Duration::from_secs(60);
-/// How often the worker looks whether outbox.events arrives by logical replication.
-const SUBSCRIPTION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the worker looks whether outbox.events arrives by logical replication, and
+/// whether `ALTER DATABASE` / `ALTER ROLE` changed its read-only default.
+const CATALOG_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How a round ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,10 @@ pub struct Publishing {
     retries_served_at: std::time::Instant,
     /// Whether outbox.events arrives by logical replication, and when that was looked at.
     subscribed: Option<(bool, std::time::Instant)>,
+    /// The database- or role-level read-only default this session connected with.
+    connected_read_only: Option<String>,
+    /// That default changed since: the worker ends so that a fresh session applies it.
+    wants_fresh_session: bool,
 }
 
 impl Publishing {
@@ -100,7 +105,18 @@ impl Publishing {
             busy: false,
             retries_served_at: std::time::Instant::now(),
             subscribed: None,
+            connected_read_only: process::in_transaction(
+                "outbox_pg: reading settings",
+                process::catalog_read_only_default,
+            ),
+            wants_fresh_session: false,
         }
+    }
+
+    /// `ALTER DATABASE` or `ALTER ROLE ... SET default_transaction_read_only` changed since this
+    /// session connected (a freeze set or lifted that way).
+    pub fn wants_fresh_session(&self) -> bool {
+        self.wants_fresh_session
     }
 
     pub fn kafka(&mut self) -> &mut Kafka {
@@ -321,27 +337,40 @@ impl Publishing {
         end
     }
 
-    /// Expires one chunk of history if it is time; true if more is waiting. Also says, once,
-    /// when outbox.events arrives by logical replication.
+    /// Expires one chunk of history if it is time; true if more is waiting. Also looks at the
+    /// catalog now and then (see [`Self::look_at_catalog`]).
     pub fn expire(&mut self) -> bool {
-        self.note_subscription();
+        self.look_at_catalog();
         self.retention.run(&self.queue, &self.position.below)
     }
 
-    fn note_subscription(&mut self) {
+    /// Says, once, when outbox.events arrives by logical replication, and notices a read-only
+    /// default set or lifted by ALTER DATABASE / ALTER ROLE.
+    fn look_at_catalog(&mut self) {
         if self
             .subscribed
-            .is_some_and(|(_, at)| at.elapsed() < SUBSCRIPTION_CHECK_INTERVAL)
+            .is_some_and(|(_, at)| at.elapsed() < CATALOG_CHECK_INTERVAL)
         {
             return;
         }
-        let Some(now) =
-            process::in_transaction_unless_locked("outbox_pg: checking subscriptions", || {
-                self.queue.events_are_subscribed()
+        let Some((now, read_only)) =
+            process::in_transaction_unless_locked("outbox_pg: checking the catalog", || {
+                (
+                    self.queue.events_are_subscribed(),
+                    process::catalog_read_only_default(),
+                )
             })
         else {
             return;
         };
+        if read_only != self.connected_read_only {
+            log!(
+                "outbox_pg: default_transaction_read_only of database \"{}\" changed to {} by ALTER DATABASE or ALTER ROLE; restarting the worker to apply it",
+                self.database,
+                read_only.as_deref().and_then(|c| c.split_once('=')).map_or("its postgresql.conf value", |(_, v)| v)
+            );
+            self.wants_fresh_session = true;
+        }
         let before = self.subscribed.map(|(was, _)| was);
         self.subscribed = Some((now, std::time::Instant::now()));
         if now && before != Some(true) {

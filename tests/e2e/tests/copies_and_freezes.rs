@@ -251,24 +251,28 @@ fn a_read_only_freeze_pauses_publishing_and_sends_at_most_one_batch_twice() {
         "every event is published after the freeze"
     );
     let duplicates = received.len() - distinct.len();
+    eprintln!(
+        "read-only freeze: {} emitted, {} received, {duplicates} duplicates",
+        emitted.len(),
+        received.len()
+    );
     assert!(
         duplicates <= 100,
         "{duplicates} duplicates; at most one batch of 100"
     );
 
-    // The same freeze set on the database, which new sessions (a restarted worker) see.
+    // The same freeze set and lifted by ALTER DATABASE, which sessions apply when they connect:
+    // the worker notices both within seconds and starts a fresh session.
+    let mark = cluster.log_mark();
     db.batch_execute("ALTER DATABASE postgres SET default_transaction_read_only = on")
-        .unwrap();
-    let worker = cluster.worker_pid("postgres").unwrap();
-    db.execute("SELECT pg_terminate_backend($1)", &[&worker])
-        .unwrap();
-    db.batch_execute("SELECT outbox.emit('t', 'during-database-freeze', '{}')")
         .unwrap();
     assert!(wait_until(TIMEOUT, || db
         .query_one("SELECT state FROM outbox.status", &[])
         .unwrap()
         .get::<_, String>(0)
         == "read-only"));
+    db.batch_execute("SELECT outbox.emit('t', 'during-database-freeze', '{}')")
+        .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         count_published(&mut db, "e.aggregate_id = 'during-database-freeze'"),
@@ -276,10 +280,18 @@ fn a_read_only_freeze_pauses_publishing_and_sends_at_most_one_batch_twice() {
     );
     db.batch_execute("ALTER DATABASE postgres RESET default_transaction_read_only")
         .unwrap();
-    let worker = cluster.worker_pid("postgres").unwrap();
-    db.execute("SELECT pg_terminate_backend($1)", &[&worker])
-        .unwrap();
     assert!(wait_until_published(&mut db, TIMEOUT));
+    let log = cluster.log_after(mark);
+    assert_eq!(
+        log.matches("changed to on by ALTER DATABASE").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("changed to its postgresql.conf value").count(),
+        1,
+        "{log}"
+    );
 }
 
 /// A reporting replica or a blue/green target built with logical replication (here: FOR ALL
