@@ -32,9 +32,14 @@ pgtest: deps
 	cargo pgrx test pg15 --runas postgres --pgdata $(PGTEST_DIR)/data
 
 # End-to-end tests: clusters with the extension preloaded, Tansu and librdkafka's mock cluster.
-E2E_TESTS := publishing failures configuration operations ecosystem bad_input security durability copies_and_freezes docs_examples
+E2E_TESTS := publishing failures configuration operations ecosystem bad_input security durability copies_and_freezes lifecycle docs_examples
 e2e: install
+	rm -f target/lifecycle-figures.md
 	cargo test -p outbox_pg_e2e --lib --bins $(addprefix --test ,$(E2E_TESTS)) -- --test-threads=1
+	@echo
+	@echo "| lifecycle scenario | measured | required |"
+	@echo "|---|---|---|"
+	@cat target/lifecycle-figures.md
 
 # The fault suite: crashes, shutdowns, broker outages, 2PC, poison events, config faults.
 # Prints lost / phantoms / order violations / duplicates per scenario.

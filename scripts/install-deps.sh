@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what outbox_pg needs to build and test on Debian bookworm, skipping what is present:
-# PostgreSQL 15 and its headers, clang, cargo-pgrx 0.18.0 (initialised for pg15), and Tansu 0.6.0.
+# PostgreSQL 15 and its headers, clang, cargo-pgrx 0.18.0 (initialised for pg15), Tansu 0.6.0, and
+# pgaudit (the tests show emit() is audited).
 set -euo pipefail
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang cmake libssl-dev pkg-config sudo openssl socat
-          libpostgresql-jdbc-java golang-go golang-github-jackc-pgx-v4-dev)
+          libpostgresql-jdbc-java golang-go golang-github-jackc-pgx-v4-dev postgresql-15-pgaudit)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -232,7 +232,7 @@ impl Kafka {
             if let Some(answer) = pending.try_take() {
                 break Some(answer);
             }
-            if process::stop_requested() || Instant::now() >= deadline {
+            if process::stop_requested() || self.settings_changed() || Instant::now() >= deadline {
                 break None;
             }
             process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
@@ -296,18 +296,27 @@ impl Kafka {
                         sent += 1;
                         break;
                     }
-                    Err(NotSent::QueueFull) if !process::stop_requested() => {
-                        // librdkafka's queue is full: let reports drain it.
+                    Err(NotSent::QueueFull) => {
+                        // librdkafka's queue is full: let reports drain it, unless the worker
+                        // is stopping or has new producer settings to apply (a broker that
+                        // does not answer never drains it).
+                        let give_up = if process::stop_requested() {
+                            Some("the worker is stopping")
+                        } else if self.settings_changed() {
+                            Some("the producer settings changed")
+                        } else {
+                            None
+                        };
+                        if let Some(reason) = give_up {
+                            shipments[i].outcome = Some(Outcome::Undelivered {
+                                error: reason.into(),
+                            });
+                            stopped.insert(key);
+                            break;
+                        }
                         self.publisher.arm_wakeup();
                         process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
                         sent -= self.drain_reports(Some(shipments)).min(sent);
-                    }
-                    Err(NotSent::QueueFull) => {
-                        shipments[i].outcome = Some(Outcome::Undelivered {
-                            error: "the worker is stopping".into(),
-                        });
-                        stopped.insert(key);
-                        break;
                     }
                     Err(NotSent::Refused(outcome)) => {
                         shipments[i].outcome = Some(outcome);

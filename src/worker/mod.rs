@@ -87,6 +87,8 @@ fn wait_until_ready(slot: &'static WorkerSlot, database: &str) -> Option<Publish
             reported = Some(why.to_string());
         }
     };
+    // The producer is made once the settings work, and kept while the tables are locked.
+    let mut kafka: Option<Kafka> = None;
     loop {
         if process::stop_requested() {
             return None;
@@ -101,8 +103,22 @@ fn wait_until_ready(slot: &'static WorkerSlot, database: &str) -> Option<Publish
             let installed =
                 process::in_transaction("outbox_pg: checking extension", installed_version);
             match installed.as_deref() {
-                Some(v) if v == library => match Kafka::new(slot) {
-                    Ok(kafka) => {
+                Some(v) if v == library => {
+                    if let Some(kafka) = kafka.as_mut() {
+                        kafka.refresh();
+                    } else {
+                        match Kafka::new(slot) {
+                            Ok(made) => kafka = Some(made),
+                            Err(error) => {
+                                slot.record_error(&error);
+                                note(
+                                    WorkerState::Misconfigured,
+                                    &format!("the Kafka producer settings do not work: {error}"),
+                                );
+                            }
+                        }
+                    }
+                    if kafka.is_some() {
                         // Preparing reads the tables: DDL holding them makes it wait (bounded).
                         let prepared = process::in_transaction_unless_locked(
                             "outbox_pg: preparing",
@@ -118,7 +134,7 @@ fn wait_until_ready(slot: &'static WorkerSlot, database: &str) -> Option<Publish
                                     slot,
                                     database.to_string(),
                                     queue,
-                                    kafka,
+                                    kafka.take().expect("made above"),
                                     position,
                                 ))
                             }
@@ -128,14 +144,7 @@ fn wait_until_ready(slot: &'static WorkerSlot, database: &str) -> Option<Publish
                             ),
                         }
                     }
-                    Err(error) => {
-                        slot.record_error(&error);
-                        note(
-                            WorkerState::Misconfigured,
-                            &format!("the Kafka producer settings do not work: {error}"),
-                        );
-                    }
-                },
+                }
                 Some(v) => note(
                     WorkerState::WaitingForExtension,
                     &format!("extension version {v} is installed but the library is {library}; run ALTER EXTENSION outbox_pg UPDATE"),

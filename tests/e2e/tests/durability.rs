@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use outbox_pg_harness::process::signal;
 use outbox_pg_harness::*;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -155,14 +156,6 @@ fn failover_to_a_synchronous_standby_publishes_nothing_the_new_primary_lacks() {
     );
     assert!(received.iter().all(|m| !m.key.starts_with("local-only-")));
     assert_eq!(received.last().unwrap().key, "after-failover");
-}
-
-fn signal(pid: i32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// The poison: bigger than the producer accepts, so it fails every attempt.

@@ -5,7 +5,6 @@
 //! Each scenario appends its row to `target/fault-figures.md`; `make test-faults` prints the table.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use outbox_pg_harness::stream::{table_ids, Audit, LiveConsumer, Stream, StreamSpec};
@@ -54,26 +53,14 @@ fn audit(
 }
 
 fn report(audit: &Audit, scenario: &str, note: &str) {
-    let row = audit.row(scenario, note);
-    println!("{row}");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("fault-figures.md"))
-        .unwrap();
-    writeln!(file, "{row}").unwrap();
+    record_figure("fault-figures.md", &audit.row(scenario, note));
     assert_eq!(audit.lost, 0, "{scenario}: lost events");
     assert_eq!(audit.phantoms, 0, "{scenario}: phantom events");
     assert_eq!(audit.order_violations, 0, "{scenario}: order violations");
 }
 
 fn kill_9(pid: i32) {
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    outbox_pg_harness::process::signal(pid, "KILL");
 }
 
 /// Waits until the server accepts connections and a worker (other than `old`) runs.

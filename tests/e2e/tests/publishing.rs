@@ -461,10 +461,7 @@ fn worker_killed_with_sigkill_comes_back_and_publishes() {
     let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[]);
     let worker = cluster.worker_pid("postgres").expect("worker running");
     // SIGKILL of a process with shared memory makes the postmaster restart every backend.
-    std::process::Command::new("kill")
-        .args(["-9", &worker.to_string()])
-        .status()
-        .unwrap();
+    outbox_pg_harness::process::signal(worker, "KILL");
     assert!(cluster.wait_for_log(
         "all server processes terminated; reinitializing",
         Duration::from_secs(30)

@@ -239,6 +239,45 @@ impl PgCluster {
         wait_until(timeout, || self.log_after(mark).contains(needle))
     }
 
+    /// `pg_ctl start` that reports a refusal instead of panicking, waiting at most `timeout`.
+    pub fn try_pg_ctl_start(&self, timeout: Duration) -> Result<(), String> {
+        let output = Command::new("runuser")
+            .env_remove("RUST_BACKTRACE")
+            .args(["-u", "postgres", "--"])
+            .arg(pg_bin().join("pg_ctl"))
+            .args(["-D", self.data().to_str().unwrap(), "-l"])
+            .arg(self.log_path())
+            .args(["-w", "-t", &timeout.as_secs().max(1).to_string(), "start"])
+            .output()
+            .expect("runuser");
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    }
+
+    /// The postmaster's pid, from postmaster.pid.
+    pub fn postmaster_pid(&self) -> i32 {
+        let pidfile = std::fs::read_to_string(self.data().join("postmaster.pid")).unwrap();
+        pidfile.lines().next().unwrap().trim().parse().unwrap()
+    }
+
+    /// Pid of the outbox_pg launcher, from pg_stat_activity.
+    pub fn launcher_pid(&self) -> Option<i32> {
+        self.connect()
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox_pg launcher'",
+                &[],
+            )
+            .unwrap()
+            .map(|row| row.get(0))
+    }
+
     /// Pid of the database worker for `database`, from pg_stat_activity.
     pub fn worker_pid(&self, database: &str) -> Option<i32> {
         let mut client = self.connect();

@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod cluster;
 pub mod consumer;
+pub mod process;
 pub mod stream;
 
 use std::net::TcpListener;
@@ -132,4 +133,19 @@ pub fn published_since(client: &mut postgres::Client, mark: i64) -> i64 {
 /// Waits until no committed event is left unpublished (dead events excepted).
 pub fn wait_until_published(client: &mut postgres::Client, timeout: Duration) -> bool {
     wait_until(timeout, || count_pending(client) == 0)
+}
+
+/// Appends `row` to `target/<file>` of the workspace (figures that `make test` prints after
+/// the suite: fault audits, lifecycle measurements).
+pub fn record_figure(file: &str, row: &str) {
+    use std::io::Write;
+    println!("{row}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(file))
+        .unwrap();
+    writeln!(out, "{row}").unwrap();
 }
