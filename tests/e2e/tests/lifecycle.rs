@@ -550,13 +550,16 @@ fn non_utf8_databases_publish_utf8_and_dead_letter_what_cannot_be_sent() {
     );
 }
 
+/// Puts a running cluster into a state.
+type Stage<'a> = dyn Fn(&PgCluster) + 'a;
+
 /// The postmaster killed (the OOM killer) while the worker has a backlog, the broker is down,
 /// or librdkafka's queue is full: the worker exits within 2 s and the server starts again.
 #[test]
 fn after_postmaster_death_the_worker_exits_within_2_s_and_the_server_restarts() {
     let mock = mock_cluster(&[("t", 3)]);
     let cluster = PgCluster::with_outbox(&mock.bootstrap_servers(), &[]);
-    let states: [(&str, &dyn Fn(&PgCluster)); 3] = [
+    let states: [(&str, &Stage); 3] = [
         ("a backlog being published", &|c: &PgCluster| {
             mock.broker_round_trip_time(1, Duration::from_millis(100))
                 .unwrap();
