@@ -32,7 +32,7 @@ pgtest: deps
 	cargo pgrx test pg15 --runas postgres --pgdata $(PGTEST_DIR)/data
 
 # End-to-end tests: clusters with the extension preloaded, Tansu and librdkafka's mock cluster.
-E2E_TESTS := publishing failures configuration operations ecosystem bad_input security durability copies_and_freezes lifecycle docs_examples
+E2E_TESTS := publishing failures configuration operations ecosystem bad_input security durability copies_and_freezes lifecycle gap_free docs_examples
 e2e: install
 	rm -f target/lifecycle-figures.md
 	cargo test -p outbox_pg_e2e --lib --bins $(addprefix --test ,$(E2E_TESTS)) -- --test-threads=1

@@ -45,6 +45,9 @@ pub struct Shipping {
     pub creation: Option<TopicCreation>,
     /// `outbox.delivery_timeout`; None waits indefinitely.
     pub delivery_timeout: Option<Duration>,
+    /// Ask the broker about a topic even if it said "missing" a moment ago: retries, which the
+    /// operator may have fixed the topic for, must not fail on a remembered answer.
+    pub fresh_topic_checks: bool,
 }
 
 impl Shipping {
@@ -59,6 +62,15 @@ impl Shipping {
                 replication: guc::TOPIC_REPLICATION.get(),
             }),
             delivery_timeout: (timeout > 0).then(|| Duration::from_millis(timeout as u64)),
+            fresh_topic_checks: false,
+        }
+    }
+
+    /// The same, for retries: topics are asked about afresh.
+    pub fn for_retries(database: &str) -> Shipping {
+        Shipping {
+            fresh_topic_checks: true,
+            ..Shipping::current(database)
         }
     }
 }
@@ -208,9 +220,7 @@ impl Kafka {
                     topic.clone(),
                     format!("topic \"{topic}\" is not in outbox.allowed_topics"),
                 );
-            } else if let Some(reason) = how
-                .creation
-                .is_none()
+            } else if let Some(reason) = (how.creation.is_none() && !how.fresh_topic_checks)
                 .then(|| self.publisher.recently_missing(&topic))
                 .flatten()
             {

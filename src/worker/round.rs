@@ -232,9 +232,10 @@ impl Publishing {
         let policy = RetryPolicy::current();
         let mut records = Vec::new();
         // Retries one at a time: a poison event must fail alone, not with its neighbours.
+        let retrying = Shipping::for_retries(&self.database);
         for single in &claim.singles {
             let mut shipments = [Shipment::new(single.event.clone())];
-            let settlement = self.kafka.ship(&mut shipments, &how);
+            let settlement = self.kafka.ship(&mut shipments, &retrying);
             self.note(&settlement, &shipments);
             records.push(record_of(
                 single,
@@ -249,7 +250,14 @@ impl Publishing {
             .map(|c| Shipment::new(c.event.clone()))
             .collect();
         if !shipments.is_empty() {
-            let settlement = self.kafka.ship(&mut shipments, &how);
+            // Parked events released into the group (revived, or behind a published one) are
+            // retries too.
+            let how = if claim.group.iter().any(|c| c.parked) {
+                &retrying
+            } else {
+                &how
+            };
+            let settlement = self.kafka.ship(&mut shipments, how);
             self.note(&settlement, &shipments);
             for (claimed, disposition) in claim.group.iter().zip(&settlement.dispositions) {
                 records.push(record_of(claimed, disposition, &policy, self.slot));

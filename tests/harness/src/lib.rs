@@ -135,6 +135,27 @@ pub fn wait_until_published(client: &mut postgres::Client, timeout: Duration) ->
     wait_until(timeout, || count_pending(client) == 0)
 }
 
+/// Events in outbox.events that have no receipt and are not dead, found without the worker's
+/// position (which `outbox.pending` relies on): what a bug in finding events would leave.
+pub fn count_unreceipted(client: &mut postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM outbox.events e
+             WHERE NOT EXISTS (SELECT 1 FROM outbox.deliveries d WHERE d.event_id = e.id)
+               AND NOT EXISTS (SELECT 1 FROM outbox.parked p
+                               WHERE p.event_id = e.id AND p.state = 'dead')",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until every row of outbox.events has a receipt (dead ones excepted), judged by the
+/// receipts alone ([`count_unreceipted`]).
+pub fn wait_until_every_row_published(client: &mut postgres::Client, timeout: Duration) -> bool {
+    wait_until(timeout, || count_unreceipted(client) == 0)
+}
+
 /// Appends `row` to `target/<file>` of the workspace (figures that `make test` prints after
 /// the suite: fault audits, lifecycle measurements).
 pub fn record_figure(file: &str, row: &str) {
