@@ -96,6 +96,16 @@ pub enum Woken {
     Timeout,
 }
 
+/// Set when a [`wait`] consumed a latch wake-up; see [`take_latch_wakeup`].
+static LATCH_WOKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True if a wait consumed a latch wake-up since the last call. A commit's wake-up that
+/// arrives while the worker waits for something else (a delivery report, a lock) resets the
+/// latch there; the worker must then look for work again instead of sleeping.
+pub fn take_latch_wakeup() -> bool {
+    LATCH_WOKEN.swap(false, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Waits until the latch is set, `descriptor` is readable, or `timeout` passes. Exits the
 /// process if the postmaster dies. Serves interrupts (not a stop) and applies a reload before
 /// returning.
@@ -116,6 +126,7 @@ pub fn wait(timeout: Duration, descriptor: Option<RawFd>) -> Woken {
         ) as u32;
         if fired & pg_sys::WL_LATCH_SET != 0 {
             pg_sys::ResetLatch(pg_sys::MyLatch);
+            LATCH_WOKEN.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         fired
     };

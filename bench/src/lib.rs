@@ -401,3 +401,109 @@ pub fn produce_at_rate(
     });
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
+
+/// Waits (polling every 20 ms) until `count` more events are recorded as published after
+/// receipt row `mark`; how long that took, or None after `timeout`.
+pub fn time_until_recorded(
+    db: &mut postgres::Client,
+    mark: i64,
+    count: i64,
+    timeout: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if outbox_pg_harness::published_since(db, mark) >= count {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A consumer reading `topic` from the beginning in a thread, counting distinct `outbox-id`s;
+/// it notes when it has seen `expected` of them.
+pub struct DistinctCounter {
+    seen: Arc<Mutex<(usize, Option<Instant>)>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DistinctCounter {
+    pub fn start(bootstrap: &str, topic: &str, expected: usize) -> Self {
+        let reader = TopicReader::new(bootstrap, &[topic]);
+        let seen = Arc::new(Mutex::new((0, None)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut ids = std::collections::HashSet::with_capacity(expected);
+                let mut batch = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    batch.clear();
+                    reader.read_into(&mut batch, 1000, Duration::from_millis(20));
+                    for message in &batch {
+                        ids.insert(message.header("outbox-id").to_string());
+                    }
+                    let mut seen = seen.lock().unwrap();
+                    seen.0 = ids.len();
+                    if seen.1.is_none() && ids.len() >= expected {
+                        seen.1 = Some(Instant::now());
+                    }
+                }
+            })
+        };
+        DistinctCounter {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits up to `timeout` for the expected count; returns how many were seen and when the
+    /// expected count was reached.
+    pub fn finish(mut self, timeout: Duration) -> (usize, Option<Instant>) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline && self.seen.lock().unwrap().1.is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A moment more, to count anything beyond (there should be nothing).
+        std::thread::sleep(Duration::from_millis(500));
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        *self.seen.lock().unwrap()
+    }
+}
+
+/// Sizes of the outbox's tables with their indexes and TOAST, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub events: i64,
+    pub events_indexes: i64,
+    pub batches: i64,
+}
+
+impl Sizes {
+    pub fn of(db: &mut postgres::Client) -> Sizes {
+        let row = db
+            .query_one(
+                "SELECT pg_total_relation_size('outbox.events'), pg_indexes_size('outbox.events'),
+                        pg_total_relation_size('outbox.batches')",
+                &[],
+            )
+            .unwrap();
+        Sizes {
+            events: row.get(0),
+            events_indexes: row.get(1),
+            batches: row.get(2),
+        }
+    }
+
+    pub fn cell(&self) -> String {
+        format!(
+            "{:.1} MB ({:.1} MB indexes) + {:.1} MB receipts",
+            self.events as f64 / 1e6,
+            self.events_indexes as f64 / 1e6,
+            self.batches as f64 / 1e6
+        )
+    }
+}

@@ -57,6 +57,9 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     std::mem::forget(publishing);
 }
 
+/// How often a worker that is not ready yet looks again, at most.
+const READY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Rounds until a stop is requested.
 fn run(publishing: &mut Publishing) {
     while !process::stop_requested() && !publishing.wants_fresh_session() {
@@ -67,9 +70,13 @@ fn run(publishing: &mut Publishing) {
             publishing.idle(poll_interval());
             continue;
         }
+        // A wake-up consumed by a wait inside the round (awaiting the broker) announced work
+        // this round may not have seen: go again instead of sleeping.
+        process::take_latch_wakeup();
         let end = publishing.round();
         let more_history = !process::stop_requested() && publishing.expire();
-        if end != RoundEnd::More && !more_history {
+        let woken_meanwhile = process::take_latch_wakeup();
+        if end != RoundEnd::More && !more_history && !woken_meanwhile {
             publishing.idle(poll_interval());
         }
     }
@@ -155,7 +162,9 @@ fn wait_until_ready(slot: &'static WorkerSlot, database: &str) -> Option<Publish
                 ),
             }
         }
-        process::wait(poll_interval(), None);
+        // CREATE EXTENSION, a promotion or a fixed setting announce nothing: look again soon,
+        // however long outbox.poll_interval is.
+        process::wait(poll_interval().min(READY_CHECK_INTERVAL), None);
     }
 }
 

@@ -81,6 +81,37 @@ fn commits_wake_the_worker_and_rollbacks_do_not() {
     assert_eq!(count_events(&mut db, "aggregate_id = 'a'"), 0);
 }
 
+/// Commits that land while the worker waits for the broker's acknowledgement of a batch: their
+/// wake-up must not be lost in that wait (which resets the latch), or the last of them sit until
+/// the next poll. Polling is off; the broker takes 200 ms per round trip.
+#[test]
+fn commits_during_a_batch_in_flight_are_not_left_for_the_poll() {
+    let mock = mock_cluster(&[("t", 3)]);
+    let cluster = PgCluster::with_outbox(&mock.bootstrap_servers(), &[]);
+    let mut db = cluster.connect();
+    assert!(wait_until(TIMEOUT, || state(&mut db) == "idle"));
+    cluster.set("outbox.poll_interval", "1h");
+    std::thread::sleep(Duration::from_millis(500));
+    mock.broker_round_trip_time(1, Duration::from_millis(200))
+        .unwrap();
+    for stream in 0..3 {
+        for i in 0..20 {
+            db.execute(
+                "SELECT outbox.emit('t', $1::text, '{}')",
+                &[&format!("{stream}-{i}")],
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The last commits came while a batch was in flight; nothing else will come.
+        assert!(
+            wait_until(Duration::from_secs(5), || count_unreceipted(&mut db) == 0),
+            "stream {stream}: {} events left waiting for a poll",
+            count_unreceipted(&mut db)
+        );
+    }
+}
+
 #[test]
 fn status_shows_state_backlog_throughput_and_broker_errors() {
     let tansu = Tansu::start();

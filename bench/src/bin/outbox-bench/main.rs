@@ -1,0 +1,97 @@
+//! `make bench`: outbox_pg side by side with the classic polling relay, on one machine, in one
+//! run. Prints a results table and writes it to bench/RESULTS.md.
+//!
+//! `outbox-bench [--quick] [--hour] [drain] [latency] [emit] [sustained] [old-snapshot]`
+//! (every scenario by default; `--hour` adds the hour-long old-snapshot run).
+
+mod drain;
+mod emit_cost;
+mod latency;
+mod old_snapshot;
+mod sustained;
+
+use std::fmt::Write as _;
+
+use outbox_pg_bench::*;
+use outbox_pg_harness::PgCluster;
+
+pub struct Options {
+    pub quick: bool,
+    pub hour: bool,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let options = Options {
+        quick: args.iter().any(|a| a == "--quick"),
+        hour: args.iter().any(|a| a == "--hour"),
+    };
+    let wanted: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    let run = |name: &str| wanted.is_empty() || wanted.contains(&name);
+
+    let mut report = String::new();
+    writeln!(report, "# outbox_pg benchmark results\n").unwrap();
+    writeln!(
+        report,
+        "Machine: {}. PostgreSQL 15, one run of `make bench{}`.\n",
+        machine(),
+        [
+            (options.quick, " BENCH_ARGS=--quick"),
+            (options.hour, " BENCH_ARGS=--hour")
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, label)| *label)
+        .collect::<String>()
+    )
+    .unwrap();
+    let scenarios: [(&str, fn(&Options) -> String); 5] = [
+        ("drain", drain::run),
+        ("latency", latency::run),
+        ("emit", emit_cost::run),
+        ("sustained", sustained::run),
+        ("old-snapshot", old_snapshot::run),
+    ];
+    for (name, scenario) in scenarios {
+        if run(name) {
+            let section = scenario(&options);
+            println!("\n{section}");
+            report.push_str(&section);
+        }
+    }
+    println!("\n{report}");
+    if !options.quick && wanted.is_empty() {
+        std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md"), &report).unwrap();
+        println!("written to bench/RESULTS.md");
+    }
+}
+
+/// A benchmark cluster publishing to `brokers`, with the outbox and the classic outbox table.
+pub fn cluster(brokers: &str, extra: &[(&str, &str)]) -> PgCluster {
+    let mut settings = vec![
+        ("outbox.brokers", brokers),
+        ("shared_buffers", "1GB"),
+        ("max_wal_size", "8GB"),
+        ("checkpoint_timeout", "15min"),
+    ];
+    settings.extend_from_slice(extra);
+    // BENCH_PG_SETTINGS="name=value;name=value" adds settings to every cluster (investigations,
+    // e.g. auto_explain).
+    let investigation = std::env::var("BENCH_PG_SETTINGS").unwrap_or_default();
+    settings.extend(
+        investigation
+            .split(';')
+            .filter_map(|pair| pair.split_once('=')),
+    );
+    let cluster = PgCluster::start(&settings);
+    cluster
+        .connect()
+        .batch_execute("CREATE EXTENSION outbox_pg")
+        .unwrap();
+    cluster.connect().batch_execute(CLASSIC_OUTBOX).unwrap();
+    cluster
+}

@@ -1,0 +1,218 @@
+//! 5. Old snapshot: publishing while an idle REPEATABLE READ transaction holds back the xmin
+//! horizon (as a pg_dump, an analytics query or a forgotten BEGIN does), beside the same run
+//! without it. Every published row stays alive behind such a snapshot; publishing must not pay
+//! for them.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_pg_bench::*;
+use outbox_pg_harness::{count_pending, receipts_mark, wait_until};
+
+use crate::{cluster, Options};
+
+const TOPIC: &str = "bench.old-snapshot";
+const RATE: u32 = 1000;
+const WINDOW: Duration = Duration::from_secs(30);
+const BURST: i64 = 50_000;
+
+pub fn run(options: &Options) -> String {
+    let durations: Vec<u64> = match (options.quick, options.hour) {
+        (true, _) => vec![1],
+        (false, false) => vec![4, 20],
+        (false, true) => vec![4, 20, 60],
+    };
+    let mut out = format!(
+        "## 5. Old snapshot: {RATE} single-event transactions/s (mock cluster, `synchronous_commit = off`, \
+         `outbox.retention = 1min`)\n\n\
+         | minutes | open snapshot | burst drain before | burst drain after | p99 per 30 s window | last window p99 | `outbox.status` first / last window | sizes before / at the end / 2 min after the snapshot closed |\n\
+         |---|---|---|---|---|---|---|---|\n"
+    );
+    let mut verdicts = String::new();
+    for minutes in durations {
+        // The hour-long run is compared with the 4-minute run's fresh figures.
+        let fresh = (minutes <= 20).then(|| Run::measure(minutes, false));
+        let held = Run::measure(minutes, true);
+        for run in fresh.iter().chain([&held]) {
+            writeln!(out, "{}", run.row()).unwrap();
+        }
+        let reference = fresh.as_ref().map(|f| f.burst_after);
+        if let Some(reference) = reference {
+            writeln!(
+                verdicts,
+                "- {minutes} min: burst drain with the snapshot held {:.2}× the run without it; \
+                 last-window p99 {} (without: {}).",
+                held.burst_after / reference,
+                ms(*held.p99s.last().unwrap()),
+                ms(*fresh.as_ref().unwrap().p99s.last().unwrap())
+            )
+            .unwrap();
+        } else {
+            writeln!(
+                verdicts,
+                "- {minutes} min: burst drain after / before the hour {:.2}×; last-window p99 {}.",
+                held.burst_after / held.burst_before,
+                ms(*held.p99s.last().unwrap())
+            )
+            .unwrap();
+        }
+    }
+    out.push('\n');
+    out.push_str(&verdicts);
+    out.push_str(
+        "\nEach run: a fresh cluster; a 50,000-event burst (one transaction) drained, timed from its commit \
+         until the receipts cover it; then, with or without an idle REPEATABLE READ transaction opened, \
+         the steady rate for the given minutes (commit → consumer p99 per 30 s window, and the time of \
+         `SELECT * FROM outbox.status`, the exporter's query, each window); a second burst with the snapshot \
+         still open; then the snapshot closes and the rate runs 2 more minutes, so that vacuum can reclaim \
+         what retention deleted meanwhile. Sizes: outbox.events with its indexes, and the receipts.\n\n",
+    );
+    out
+}
+
+struct Run {
+    minutes: u64,
+    held: bool,
+    burst_before: f64,
+    burst_after: f64,
+    p99s: Vec<Duration>,
+    status: Vec<Duration>,
+    sizes: [Sizes; 3],
+}
+
+impl Run {
+    fn measure(minutes: u64, held: bool) -> Run {
+        let broker = Broker::mock(&[(TOPIC, 6)]);
+        let cluster = cluster(
+            &broker.bootstrap(),
+            &[("synchronous_commit", "off"), ("outbox.retention", "1min")],
+        );
+        let mut db = cluster.connect();
+        let burst_before = burst(&mut db);
+        let before = Sizes::of(&mut db);
+        let holder = held.then(|| {
+            let mut holder = cluster.connect();
+            holder
+                .batch_execute(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM outbox.events",
+                )
+                .unwrap();
+            holder
+        });
+
+        let clock = Arc::new(Clock::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumer = start_consumer(&broker.bootstrap(), TOPIC, clock.clone(), stop.clone());
+        let statement = format!(
+            "SELECT outbox.emit('order.created', $1::text, '{PAYLOAD_LITERAL}', topic => '{TOPIC}')::text"
+        );
+        let duration = Duration::from_secs(minutes * 60);
+        let windows = (duration.as_secs() / WINDOW.as_secs()) as u32;
+        // emit_at_rate's schedule starts 200 ms after the call.
+        let load_start = Instant::now() + Duration::from_millis(200);
+        let mut status = Vec::new();
+        std::thread::scope(|scope| {
+            scope.spawn(|| emit_at_rate(&cluster, &statement, RATE, duration, 2, clock.clone()));
+            let mut monitor = cluster.connect();
+            for window in 1..=windows {
+                let due = load_start + WINDOW * window - Duration::from_secs(1);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let started = Instant::now();
+                monitor.query("SELECT * FROM outbox.status", &[]).unwrap();
+                status.push(started.elapsed());
+            }
+        });
+        wait_until(Duration::from_secs(10), || {
+            let received = clock.received.lock().unwrap();
+            clock
+                .committed
+                .lock()
+                .unwrap()
+                .keys()
+                .all(|id| received.contains_key(id))
+        });
+        let end = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        consumer.join().unwrap();
+        let p99s = (0..windows)
+            .map(|w| {
+                clock
+                    .summary(load_start + WINDOW * w, load_start + WINDOW * (w + 1), end)
+                    .p99
+            })
+            .collect();
+        let during = Sizes::of(&mut db);
+        let burst_after = burst(&mut db);
+        drop(holder);
+        emit_at_rate(
+            &cluster,
+            &statement,
+            RATE,
+            Duration::from_secs(120),
+            2,
+            Arc::new(Clock::default()),
+        );
+        let after = Sizes::of(&mut db);
+        let run = Run {
+            minutes,
+            held,
+            burst_before,
+            burst_after,
+            p99s,
+            status,
+            sizes: [before, during, after],
+        };
+        println!("old snapshot: {}", run.row());
+        run
+    }
+
+    fn row(&self) -> String {
+        let p99s: Vec<String> = self.p99s.iter().map(|d| ms(*d)).collect();
+        format!(
+            "| {} | {} | {:.0} ev/s | {:.0} ev/s | {} | {} | {} / {} | {} / {} / {} |",
+            self.minutes,
+            if self.held { "yes" } else { "no" },
+            self.burst_before,
+            self.burst_after,
+            abridged(&p99s),
+            ms(*self.p99s.last().unwrap()),
+            ms(self.status[0]),
+            ms(*self.status.last().unwrap()),
+            self.sizes[0].cell(),
+            self.sizes[1].cell(),
+            self.sizes[2].cell()
+        )
+    }
+}
+
+/// A long series as its first four and last four values.
+fn abridged(values: &[String]) -> String {
+    if values.len() <= 10 {
+        values.join(", ")
+    } else {
+        format!(
+            "{}, …, {}",
+            values[..4].join(", "),
+            values[values.len() - 4..].join(", ")
+        )
+    }
+}
+
+/// Commits a 50,000-event burst in one transaction and times it until its receipts are
+/// recorded; events per second.
+fn burst(db: &mut postgres::Client) -> f64 {
+    assert!(wait_until(Duration::from_secs(120), || count_pending(db) == 0));
+    let mark = receipts_mark(db);
+    db.batch_execute(&format!(
+        "SELECT outbox.emit('order.created', (g % 1000)::text, {PAYLOAD_SQL}, topic => '{TOPIC}')
+         FROM generate_series(1, {BURST}) g"
+    ))
+    .unwrap();
+    let took =
+        time_until_recorded(db, mark, BURST, Duration::from_secs(600)).expect("the burst drains");
+    BURST as f64 / took.as_secs_f64()
+}

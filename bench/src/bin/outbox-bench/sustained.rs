@@ -1,0 +1,79 @@
+//! 4. Sustained: a steady rate with a short retention; size and p99 every minute.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_pg_bench::*;
+
+use crate::{cluster, Options};
+
+pub fn run(options: &Options) -> String {
+    let minutes = if options.quick { 2 } else { 10 };
+    let rate = 2000;
+    let broker = Broker::mock(&[("bench.sustained", 6)]);
+    let cluster = cluster(
+        &broker.bootstrap(),
+        &[("outbox.retention", "1min"), ("synchronous_commit", "off")],
+    );
+    let clock = Arc::new(Clock::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = start_consumer(
+        &broker.bootstrap(),
+        "bench.sustained",
+        clock.clone(),
+        stop.clone(),
+    );
+    let statement = format!("SELECT outbox.emit('order.created', $1::text, '{PAYLOAD_LITERAL}', topic => 'bench.sustained')::text");
+    let mut out = format!(
+        "## 4. Sustained: {rate} events/s for {minutes} min, `outbox.retention = 1min` (mock cluster)\n\n\
+         | minute | outbox.events (indexes) + receipts | p99 latency | events |\n|---|---|---|---|\n"
+    );
+    let mut sizes = Vec::new();
+    let mut p99s = Vec::new();
+    let mut db = cluster.connect();
+    for minute in 1..=minutes {
+        let from = Instant::now();
+        emit_at_rate(
+            &cluster,
+            &statement,
+            rate,
+            Duration::from_secs(60),
+            4,
+            clock.clone(),
+        );
+        let to = Instant::now();
+        std::thread::sleep(Duration::from_millis(500));
+        let summary = clock.summary(from, to, Instant::now());
+        let size = Sizes::of(&mut db);
+        let total = size.events + size.batches;
+        println!(
+            "sustained minute {minute}: {total} bytes, p99 {:?}",
+            summary.p99
+        );
+        writeln!(
+            out,
+            "| {minute} | {} | {} | {} |",
+            size.cell(),
+            ms(summary.p99),
+            summary.sent
+        )
+        .unwrap();
+        sizes.push(total);
+        p99s.push(summary.p99);
+    }
+    stop.store(true, Ordering::Relaxed);
+    consumer.join().unwrap();
+    let half = sizes.len() / 2;
+    writeln!(
+        out,
+        "\nSize at minute {} / size at minute {}: {:.2}×. Largest p99: {}.\n",
+        sizes.len(),
+        half,
+        *sizes.last().unwrap() as f64 / sizes[half - 1] as f64,
+        ms(p99s.iter().copied().max().unwrap())
+    )
+    .unwrap();
+    out
+}
