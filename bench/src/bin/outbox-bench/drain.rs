@@ -1,4 +1,4 @@
-//! 1. Drain: a preloaded backlog, published as fast as the publisher can.
+//! Scenario 1, drain: a preloaded backlog, published as fast as the publisher can.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! 3. Emit cost: pgbench, business insert + emit() against business insert + classic INSERT,
+//! Scenario 3, emit cost: pgbench, business insert + emit() against business insert + classic INSERT,
 //! and the server's own cost per call.
 
 use std::fmt::Write as _;

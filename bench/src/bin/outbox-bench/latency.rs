@@ -1,4 +1,4 @@
-//! 2. Latency: commit → consumer receive at a fixed rate, beside the classic relay and a bare
+//! Scenario 2, latency: commit → consumer receive at a fixed rate, beside the classic relay and a bare
 //! producer (the broker's own floor).
 
 use std::fmt::Write as _;

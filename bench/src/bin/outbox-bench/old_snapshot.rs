@@ -1,4 +1,4 @@
-//! 5. Old snapshot: publishing while an idle REPEATABLE READ transaction holds back the xmin
+//! Scenario 5, old snapshot: publishing while an idle REPEATABLE READ transaction holds back the xmin
 //! horizon (as a pg_dump, an analytics query or a forgotten BEGIN does), beside the same run
 //! without it. Every published row stays alive behind such a snapshot; publishing must not pay
 //! for them.

@@ -1,4 +1,4 @@
-//! 4. Sustained: a steady rate with a short retention; size and p99 every minute.
+//! Scenario 4, sustained: a steady rate with a short retention; size and p99 every minute.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
