@@ -15,6 +15,9 @@ use std::fmt::Write as _;
 use outbox_pg_bench::*;
 use outbox_pg_harness::PgCluster;
 
+/// A scenario: runs and returns its section of the report.
+type Scenario = fn(&Options) -> String;
+
 pub struct Options {
     pub quick: bool,
     pub hour: bool,
@@ -49,7 +52,7 @@ fn main() {
         .collect::<String>()
     )
     .unwrap();
-    let scenarios: [(&str, fn(&Options) -> String); 5] = [
+    let scenarios: [(&str, Scenario); 5] = [
         ("drain", drain::run),
         ("latency", latency::run),
         ("emit", emit_cost::run),
