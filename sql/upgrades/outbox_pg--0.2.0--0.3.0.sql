@@ -146,7 +146,7 @@ CREATE FUNCTION outbox.position()
     RETURNS TABLE (below pg_snapshot, upto pg_snapshot, range_last_seq bigint,
                    range_after_seq bigint, range_after_id uuid,
                    late_after_seq bigint, late_after_id uuid)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE sql STABLE SECURITY DEFINER ROWS 1 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT below, upto, range_last_seq, range_after_seq, range_after_id, late_after_seq, late_after_id
     FROM outbox.batches ORDER BY id DESC LIMIT 1
@@ -155,7 +155,7 @@ $$;
 CREATE FUNCTION outbox.queued()
     RETURNS TABLE (id uuid, seq bigint, event_type text, aggregate_id text, topic text,
                    created_at timestamptz)
-    LANGUAGE sql STABLE
+    LANGUAGE sql STABLE ROWS 1000
 BEGIN ATOMIC
     WITH position AS (SELECT * FROM outbox.position())
     SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
@@ -165,21 +165,21 @@ BEGIN ATOMIC
       AND pg_visible_in_snapshot(e.xid, g.upto)
       AND (g.range_after_seq IS NULL OR (e.seq, e.id) > (g.range_after_seq, g.range_after_id))
     UNION ALL
-    SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
-    FROM position g, outbox.events e
-    WHERE g.upto IS NOT NULL
-      AND e.xid IN (SELECT pg_snapshot_xip(g.below)) AND pg_visible_in_snapshot(e.xid, g.upto)
+    SELECT e.*
+    FROM position g, pg_snapshot_xip(g.below) x(xid),
+         LATERAL (SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
+                  FROM outbox.events e WHERE e.xid = x.xid OFFSET 0) e
+    WHERE g.upto IS NOT NULL AND pg_visible_in_snapshot(x.xid, g.upto)
       AND (g.late_after_seq IS NULL OR (e.seq, e.id) > (g.late_after_seq, g.late_after_id))
     UNION ALL
     SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
-    FROM position g, outbox.events e,
-         LATERAL (SELECT coalesce(g.upto, g.below) AS last) w
-    WHERE e.xid >= pg_snapshot_xmax(w.last)
+    FROM position g, outbox.events e
+    WHERE e.xid >= pg_snapshot_xmax(coalesce(g.upto, g.below))
     UNION ALL
-    SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
-    FROM position g, outbox.events e,
-         LATERAL (SELECT coalesce(g.upto, g.below) AS last) w
-    WHERE e.xid IN (SELECT pg_snapshot_xip(w.last));
+    SELECT e.*
+    FROM position g, pg_snapshot_xip(coalesce(g.upto, g.below)) x(xid),
+         LATERAL (SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
+                  FROM outbox.events e WHERE e.xid = x.xid OFFSET 0) e;
 END;
 
 CREATE VIEW outbox.pending AS
@@ -211,7 +211,7 @@ FROM outbox.batches b,
 COMMENT ON VIEW outbox.deliveries IS 'One row per published event: when, and at which partition and offset.';
 
 CREATE FUNCTION outbox.backlog() RETURNS TABLE (pending bigint, oldest_created_at timestamptz)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE sql STABLE SECURITY DEFINER ROWS 1 SET search_path = pg_catalog, pg_temp SET jit = off
 BEGIN ATOMIC
     SELECT count(*), min(q.created_at) FROM outbox.pending q;
 END;

@@ -160,7 +160,16 @@ impl Publishing {
             && claim.unreadable.is_empty()
         {
             if let Some(next) = claim.next {
-                self.position = next; // an empty window: nothing to record
+                // A window whose last batch filled the budget exactly closes empty. Its close is
+                // recorded, so that outbox.pending does not walk the finished window.
+                if next.window.is_none() && self.position.window.is_some() {
+                    process::in_transaction_unless_locked("outbox_pg: recording outcomes", || {
+                        if !process::transaction_is_read_only() {
+                            self.queue.record(&next, true, &[], dead_holds);
+                        }
+                    });
+                }
+                self.position = next;
             }
             return self.idle_or_more(claim.more);
         }

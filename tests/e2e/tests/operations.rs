@@ -112,6 +112,50 @@ fn commits_during_a_batch_in_flight_are_not_left_for_the_poll() {
     }
 }
 
+/// outbox.status (and the exporter's query, which reads only it) counts the backlog through the
+/// worker's position: its cost must not grow with published history, nor with an old snapshot
+/// keeping every published row alive. Counted in buffers, by Postgres.
+#[test]
+fn status_reads_the_backlog_not_the_published_history() {
+    let mock = mock_cluster(&[("t", 3)]);
+    let cluster = PgCluster::with_outbox(&mock.bootstrap_servers(), &[]);
+    let mut db = cluster.connect();
+    let mut old = cluster.connect();
+    old.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1 FROM outbox.events")
+        .unwrap();
+    // 100 full batches: the window's last batch fills the budget exactly.
+    db.batch_execute("SELECT outbox.emit('t', g % 100, '{}') FROM generate_series(1, 100000) g")
+        .unwrap();
+    assert!(wait_until_every_row_published(&mut db, TIMEOUT));
+    assert!(wait_until(TIMEOUT, || count_pending(&mut db) == 0));
+    // The top node's "Buffers: shared hit=H read=R" (what the whole query touched).
+    let buffers = |db: &mut postgres::Client| -> i64 {
+        let lines: Vec<String> = column(
+            db,
+            "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) SELECT * FROM outbox.status",
+        );
+        let top = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("Buffers:"))
+            .cloned()
+            .unwrap_or_default();
+        top.split_whitespace()
+            .filter_map(|part| {
+                let (key, value) = part.split_once('=')?;
+                ["hit", "read"]
+                    .contains(&key)
+                    .then(|| value.parse::<i64>().ok())?
+            })
+            .sum()
+    };
+    let read = buffers(&mut db);
+    assert!(
+        read < 200,
+        "outbox.status read {read} buffers over 100,000 published rows"
+    );
+    old.batch_execute("COMMIT").unwrap();
+}
+
 #[test]
 fn status_shows_state_backlog_throughput_and_broker_errors() {
     let tansu = Tansu::start();
