@@ -47,7 +47,7 @@ test-faults: install
 	rm -f target/fault-figures.md
 	cargo test -p outbox_pg_e2e --test faults -- --test-threads=1
 	@echo
-	@echo "| scenario | committed | rolled back | in-doubt committed | received | lost | phantoms | order violations | duplicates | notes |"
+	@echo "| scenario | committed | rolled back | in-doubt committed | received | lost | phantoms | order violations | duplicates (bound) | notes |"
 	@echo "|---|---|---|---|---|---|---|---|---|---|"
 	@sort target/fault-figures.md
 

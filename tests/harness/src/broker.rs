@@ -214,3 +214,107 @@ impl Tansu {
         broker
     }
 }
+
+/// librdkafka's mock cluster driven through its C API, for what rdkafka's wrapper does not
+/// offer: per-broker error stacks that can be counted, so a test proves its injected errors were
+/// hit (consumed by real produce requests) rather than merely pushed.
+pub struct CountedMock {
+    cluster: *mut rdkafka::bindings::rd_kafka_mock_cluster_t,
+    /// The client handle the cluster belongs to; it must outlive the cluster.
+    _client: rdkafka::producer::BaseProducer,
+}
+
+/// The one broker of a [`CountedMock`].
+const MOCK_BROKER: i32 = 1;
+
+impl CountedMock {
+    /// A one-broker cluster with `topics` (name, partitions).
+    pub fn new(topics: &[(&str, i32)]) -> CountedMock {
+        let client: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+            .create()
+            .expect("client for the mock cluster");
+        // SAFETY: the handle is valid for the client's life, which outlasts the cluster (Drop).
+        let cluster = unsafe {
+            rdkafka::bindings::rd_kafka_mock_cluster_new(
+                rdkafka::producer::Producer::client(&client).native_ptr(),
+                1,
+            )
+        };
+        assert!(!cluster.is_null(), "mock cluster");
+        let mock = CountedMock {
+            cluster,
+            _client: client,
+        };
+        for (name, partitions) in topics {
+            let name = std::ffi::CString::new(*name).unwrap();
+            // SAFETY: a live cluster and a NUL-terminated name.
+            let err = unsafe {
+                rdkafka::bindings::rd_kafka_mock_topic_create(
+                    mock.cluster,
+                    name.as_ptr(),
+                    *partitions,
+                    1,
+                )
+            };
+            assert_eq!(
+                err,
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+            );
+        }
+        mock
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        // SAFETY: the cluster owns the returned string for its life; copied at once.
+        unsafe {
+            std::ffi::CStr::from_ptr(rdkafka::bindings::rd_kafka_mock_cluster_bootstraps(
+                self.cluster,
+            ))
+        }
+        .to_string_lossy()
+        .into_owned()
+    }
+
+    /// Makes the next produce requests fail with `errors`, one request each, in order.
+    pub fn push_produce_errors(&self, errors: &[rdkafka::types::RDKafkaRespErr]) {
+        for error in errors {
+            // SAFETY: a live cluster; one (error, round-trip-time) pair as the count says.
+            let err = unsafe {
+                rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(
+                    self.cluster,
+                    MOCK_BROKER,
+                    rdkafka::types::RDKafkaApiKey::Produce as i16,
+                    1,
+                    *error as std::ffi::c_int,
+                    0 as std::ffi::c_int,
+                )
+            };
+            assert_eq!(
+                err,
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+            );
+        }
+    }
+
+    /// Injected produce errors not hit yet.
+    pub fn produce_errors_left(&self) -> usize {
+        let mut left = 0usize;
+        // SAFETY: a live cluster and a valid out pointer.
+        unsafe {
+            rdkafka::bindings::rd_kafka_mock_broker_error_stack_cnt(
+                self.cluster,
+                MOCK_BROKER,
+                rdkafka::types::RDKafkaApiKey::Produce as i16,
+                &mut left,
+            )
+        };
+        left
+    }
+}
+
+impl Drop for CountedMock {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once, before its client.
+        unsafe { rdkafka::bindings::rd_kafka_mock_cluster_destroy(self.cluster) };
+    }
+}

@@ -11,7 +11,7 @@ pub mod stream;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-pub use broker::{mock_cluster, MockCluster, Tansu, TlsProxy};
+pub use broker::{mock_cluster, CountedMock, MockCluster, Tansu, TlsProxy};
 pub use cluster::PgCluster;
 pub use consumer::{Received, TopicReader};
 
