@@ -242,11 +242,14 @@ impl Publisher {
     }
 
     /// Why `topic` cannot take events, if the broker said it is missing less than
-    /// MISSING_TOPIC_TTL ago.
-    pub fn recently_missing(&self, topic: &str) -> Option<String> {
+    /// MISSING_TOPIC_TTL ago (and, with `since`, after that instant).
+    pub fn recently_missing(&self, topic: &str, since: Option<Instant>) -> Option<String> {
         let mut missing = self.missing_topics.lock().expect("not poisoned");
         missing.retain(|_, (at, _)| at.elapsed() < MISSING_TOPIC_TTL);
-        missing.get(topic).map(|(_, reason)| reason.clone())
+        missing
+            .get(topic)
+            .filter(|(at, _)| since.is_none_or(|since| *at >= since))
+            .map(|(_, reason)| reason.clone())
     }
 
     /// Makes sure `topics` exist, on a helper thread: one metadata request for all of them;

@@ -45,9 +45,11 @@ pub struct Shipping {
     pub creation: Option<TopicCreation>,
     /// `outbox.delivery_timeout`; None waits indefinitely.
     pub delivery_timeout: Option<Duration>,
-    /// Ask the broker about a topic even if it said "missing" a moment ago: retries, which the
-    /// operator may have fixed the topic for, must not fail on a remembered answer.
-    pub fresh_topic_checks: bool,
+    /// Only "missing" answers the broker gave after this instant count: retries, which the
+    /// operator may have fixed the topic for, must not fail on an answer older than their round
+    /// (one question per topic and round, however many retries it has). None: any answer
+    /// younger than the producer's MISSING_TOPIC_TTL counts.
+    pub missing_answers_since: Option<Instant>,
 }
 
 impl Shipping {
@@ -62,14 +64,14 @@ impl Shipping {
                 replication: guc::TOPIC_REPLICATION.get(),
             }),
             delivery_timeout: (timeout > 0).then(|| Duration::from_millis(timeout as u64)),
-            fresh_topic_checks: false,
+            missing_answers_since: None,
         }
     }
 
-    /// The same, for retries: topics are asked about afresh.
+    /// The same, for retries: topics are asked about afresh, once in the round that starts now.
     pub fn for_retries(database: &str) -> Shipping {
         Shipping {
-            fresh_topic_checks: true,
+            missing_answers_since: Some(Instant::now()),
             ..Shipping::current(database)
         }
     }
@@ -220,8 +222,13 @@ impl Kafka {
                     topic.clone(),
                     format!("topic \"{topic}\" is not in outbox.allowed_topics"),
                 );
-            } else if let Some(reason) = (how.creation.is_none() && !how.fresh_topic_checks)
-                .then(|| self.publisher.recently_missing(&topic))
+            } else if let Some(reason) = how
+                .creation
+                .is_none()
+                .then(|| {
+                    self.publisher
+                        .recently_missing(&topic, how.missing_answers_since)
+                })
                 .flatten()
             {
                 refused.insert(topic, reason);
