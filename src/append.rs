@@ -360,8 +360,8 @@ fn check_extension_version() {
 /// SAFETY: `rel` is open and locked.
 unsafe fn read_layout(rel: pg_sys::Relation) -> Option<Layout> {
     // SAFETY: per the contract, the relation and its tuple descriptor are valid.
-    let (relid, desc) = unsafe { ((*rel).rd_id, &*(*rel).rd_att) };
-    let attributes = unsafe { desc.attrs.as_slice(desc.natts as usize) };
+    let relid = unsafe { (*rel).rd_id };
+    let attributes = unsafe { attributes_of(rel) };
     let mut columns = Vec::with_capacity(attributes.len());
     let mut seq_attnum = None;
     for attribute in attributes {
@@ -384,8 +384,12 @@ unsafe fn read_layout(rel: pg_sys::Relation) -> Option<Layout> {
     if !SHIPPED.iter().all(|c| columns.contains(c)) {
         return None;
     }
-    // SAFETY: a catalog lookup inside a transaction; missing_ok returns InvalidOid.
+    // SAFETY: a catalog lookup inside a transaction; missing_ok returns InvalidOid. Before 17
+    // it takes the relation's OID, from 17 the open relation.
+    #[cfg(any(feature = "pg14", feature = "pg15", feature = "pg16"))]
     let seq_relid = unsafe { pg_sys::getIdentitySequence(relid, seq_attnum?, true) };
+    #[cfg(not(any(feature = "pg14", feature = "pg15", feature = "pg16")))]
+    let seq_relid = unsafe { pg_sys::getIdentitySequence(rel, seq_attnum?, true) };
     if seq_relid == pg_sys::InvalidOid {
         return None;
     }
@@ -400,6 +404,27 @@ unsafe fn read_layout(rel: pg_sys::Relation) -> Option<Layout> {
         // SAFETY: `rel` is open and locked.
         stamp_only: unsafe { only_our_stamp_trigger(rel) },
     })
+}
+
+/// The relation's attributes, dropped ones included, in column order.
+///
+/// SAFETY: `rel` is open; the slice lives as long as its tuple descriptor.
+unsafe fn attributes_of<'a>(rel: pg_sys::Relation) -> &'a [pg_sys::FormData_pg_attribute] {
+    // SAFETY: per the contract, the tuple descriptor is valid and holds `natts` attributes.
+    unsafe {
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        // Up to 17 the attributes are the descriptor's trailing array; from 18 they follow its
+        // compact attributes, still contiguous, reached through TupleDescAttr.
+        #[cfg(not(feature = "pg18"))]
+        return (*desc).attrs.as_slice(natts);
+        #[cfg(feature = "pg18")]
+        return if natts == 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts(pg_sys::TupleDescAttr(desc, 0), natts)
+        };
+    }
 }
 
 /// True if the table has no trigger, or only `stamp`: BEFORE INSERT FOR EACH ROW, enabled
@@ -486,8 +511,7 @@ unsafe fn direct_fit(index: pg_sys::Relation, rel: pg_sys::Relation) -> IndexFit
             return IndexFit::Executor;
         }
         let attnums = form.indkey.values.as_slice(form.indnatts as usize);
-        let desc = &*(*rel).rd_att;
-        let attributes = desc.attrs.as_slice(desc.natts as usize);
+        let attributes = attributes_of(rel);
         let mut positions = Vec::with_capacity(attnums.len());
         for (i, &attnum) in attnums.iter().enumerate() {
             let Some(position) = usize::try_from(attnum - 1).ok() else {

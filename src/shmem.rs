@@ -312,6 +312,7 @@ struct SharedState {
 
 /// Points into shared memory once the startup hook ran; null when not preloaded.
 static SHARED: AtomicPtr<SharedState> = AtomicPtr::new(ptr::null_mut());
+#[cfg(not(feature = "pg14"))]
 static mut PREV_SHMEM_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
 static mut PREV_SHMEM_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 
@@ -322,14 +323,21 @@ pub fn init() {
     // SAFETY: _PG_init runs single-threaded in the postmaster while preloading libraries, the only
     // time hooks may be chained.
     unsafe {
-        PREV_SHMEM_REQUEST_HOOK = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(request_shmem);
+        // 14 has no request hook: space is requested right here, while preloading.
+        #[cfg(feature = "pg14")]
+        pg_sys::RequestAddinShmemSpace(size_of::<SharedState>());
+        #[cfg(not(feature = "pg14"))]
+        {
+            PREV_SHMEM_REQUEST_HOOK = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(request_shmem);
+        }
         PREV_SHMEM_STARTUP_HOOK = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(startup_shmem);
     }
 }
 
 /// Postmaster, during startup: reserve room for the slot table.
+#[cfg(not(feature = "pg14"))]
 #[pg_guard]
 unsafe extern "C-unwind" fn request_shmem() {
     unsafe {

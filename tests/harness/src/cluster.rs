@@ -1,4 +1,4 @@
-//! A throwaway PostgreSQL 15 cluster with outbox_pg preloaded, run as the `postgres` OS user.
+//! A throwaway PostgreSQL cluster (15 from Debian, or the server OUTBOX_PG_BIN points at) with outbox_pg preloaded, run as the `postgres` OS user.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,11 +7,23 @@ use std::time::Duration;
 
 use crate::{free_port, wait_until};
 
-/// Where Debian's PostgreSQL 15 binaries live (override with OUTBOX_PG_BIN).
-fn pg_bin() -> PathBuf {
+/// The server's binaries: OUTBOX_PG_BIN (the Makefile sets it from PG / PG_CONFIG), else
+/// Debian's PostgreSQL 15.
+pub fn pg_bin() -> PathBuf {
     std::env::var_os("OUTBOX_PG_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+/// Whether the server's library directory holds `name`.so (an extension other than ours, such
+/// as pgaudit, that only some server builds have).
+pub fn server_has_library(name: &str) -> bool {
+    let output = Command::new(pg_bin().join("pg_config"))
+        .arg("--pkglibdir")
+        .output()
+        .expect("pg_config --pkglibdir");
+    let dir = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    Path::new(&dir).join(format!("{name}.so")).exists()
 }
 
 static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
@@ -241,9 +253,7 @@ impl PgCluster {
 
     /// `pg_ctl start` that reports a refusal instead of panicking, waiting at most `timeout`.
     pub fn try_pg_ctl_start(&self, timeout: Duration) -> Result<(), String> {
-        let output = Command::new("runuser")
-            .env_remove("RUST_BACKTRACE")
-            .args(["-u", "postgres", "--"])
+        let output = as_postgres_command()
             .arg(pg_bin().join("pg_ctl"))
             .args(["-D", self.data().to_str().unwrap(), "-l"])
             .arg(self.log_path())
@@ -327,8 +337,7 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
+        let _ = as_postgres_command()
             .arg(pg_bin().join("pg_ctl"))
             .args([
                 "-D",
@@ -355,14 +364,24 @@ fn chown_postgres(path: &Path) {
 }
 
 /// Runs a command as the `postgres` OS user (Postgres refuses to run as root).
+/// `runuser -u postgres --`, with the environment the server should inherit.
+fn as_postgres_command() -> Command {
+    let mut command = Command::new("runuser");
+    // A Rust backtrace setting would change error DETAILs.
+    command.env_remove("RUST_BACKTRACE");
+    // The PyPI server builds load libpq (walreceiver, postgres_fdw) through a RUNPATH of their
+    // build machine; without this they pick up Debian's older libpq, which refuses the
+    // primary_conninfo their own pg_basebackup writes.
+    let lib = pg_bin().join("../lib");
+    if lib.join("libpq.so.5").exists() {
+        command.env("LD_LIBRARY_PATH", lib);
+    }
+    command.args(["-u", "postgres", "--"]);
+    command
+}
+
 fn as_postgres(args: &[&str]) {
-    // The server inherits this environment; a Rust backtrace setting would change error DETAILs.
-    let output = Command::new("runuser")
-        .env_remove("RUST_BACKTRACE")
-        .args(["-u", "postgres", "--"])
-        .args(args)
-        .output()
-        .expect("runuser");
+    let output = as_postgres_command().args(args).output().expect("runuser");
     assert!(
         output.status.success(),
         "{args:?} failed: {}{}",

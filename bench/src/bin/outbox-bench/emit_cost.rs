@@ -141,7 +141,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn pgbench(cluster: &PgCluster, script: &std::path::Path, clients: u32, seconds: u32) -> f64 {
-    let output = std::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
+    let output = std::process::Command::new(outbox_pg_harness::cluster::pg_bin().join("pgbench"))
         .args([
             "-n",
             "-h",

@@ -63,7 +63,7 @@ pub fn run(options: &Options) -> String {
                 let summary = if system == PRODUCER_ALONE {
                     measure_broker_floor(broker, topic, rate, duration)
                 } else {
-                    measure_latency(broker, topic, rate, duration, system == OUTBOX_PG)
+                    measure_latency(broker, topic, rate, duration, system == OUTBOX_PG, &[])
                 };
                 let [p50, p95, p99, max] = summary.cells();
                 writeln!(
@@ -125,23 +125,25 @@ fn measure_broker_floor(broker: &Broker, topic: &str, rate: u32, duration: Durat
     clock.summary(from, to, end)
 }
 
-fn measure_latency(
+/// Commit → receive at `rate` for `duration`, through outbox_pg (or the baseline relay), on a
+/// cluster with `synchronous_commit = off` and then `extra`.
+pub fn measure_latency(
     broker: &Broker,
     topic: &str,
     rate: u32,
     duration: Duration,
     outbox: bool,
+    extra: &[(&str, &str)],
 ) -> Summary {
-    let cluster = cluster(
-        &broker.bootstrap(),
-        &[
-            (
-                "outbox.database",
-                if outbox { "postgres" } else { "parked" },
-            ),
-            ("synchronous_commit", "off"),
-        ],
-    );
+    let mut settings = vec![
+        (
+            "outbox.database",
+            if outbox { "postgres" } else { "parked" },
+        ),
+        ("synchronous_commit", "off"),
+    ];
+    settings.extend_from_slice(extra);
+    let cluster = cluster(&broker.bootstrap(), &settings);
     let clock = Arc::new(Clock::default());
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = start_consumer(&broker.bootstrap(), topic, clock.clone(), stop.clone());

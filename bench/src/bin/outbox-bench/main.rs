@@ -1,14 +1,16 @@
 //! `make bench`: outbox_pg side by side with the classic polling relay, on one machine, in one
 //! run. Prints a results table and writes it to bench/RESULTS.md.
 //!
-//! `outbox-bench [--quick] [--hour] [drain] [latency] [emit] [sustained] [old-snapshot]`
+//! `outbox-bench [--quick] [--hour] [drain] [latency] [emit] [sustained] [old-snapshot] [versions] [durability]`
 //! (every scenario by default; `--hour` adds the hour-long old-snapshot run).
 
 mod drain;
+mod durability;
 mod emit_cost;
 mod latency;
 mod old_snapshot;
 mod sustained;
+mod versions;
 
 use std::fmt::Write as _;
 
@@ -40,8 +42,9 @@ fn main() {
     writeln!(report, "# outbox_pg benchmark results\n").unwrap();
     writeln!(
         report,
-        "Machine: {}. PostgreSQL 15, one run of `make bench{}`.\n",
+        "Machine: {}. PostgreSQL {} (scenario 6: the majors it names), one run of `make bench{}`.\n",
         machine(),
+        server_version(),
         [
             (options.quick, " BENCH_ARGS=--quick"),
             (options.hour, " BENCH_ARGS=--hour")
@@ -52,12 +55,14 @@ fn main() {
         .collect::<String>()
     )
     .unwrap();
-    let scenarios: [(&str, Scenario); 5] = [
+    let scenarios: [(&str, Scenario); 7] = [
         ("drain", drain::run),
         ("latency", latency::run),
         ("emit", emit_cost::run),
         ("sustained", sustained::run),
         ("old-snapshot", old_snapshot::run),
+        ("versions", versions::run),
+        ("durability", durability::run),
     ];
     for (name, scenario) in scenarios {
         if run(name) {
@@ -71,6 +76,18 @@ fn main() {
         std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md"), &report).unwrap();
         println!("written to bench/RESULTS.md");
     }
+}
+
+/// The version of the server the scenarios run on (OUTBOX_PG_BIN, set by `make bench PG=...`).
+pub fn server_version() -> String {
+    let output = std::process::Command::new(outbox_pg_harness::cluster::pg_bin().join("postgres"))
+        .arg("--version")
+        .output()
+        .expect("postgres --version");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .trim_start_matches("postgres (PostgreSQL) ")
+        .to_string()
 }
 
 /// A benchmark cluster publishing to `brokers`, with the outbox and the classic outbox table.
