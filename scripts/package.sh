@@ -16,6 +16,7 @@
 # install script for servers that are not Debian. Reproducible: timestamps come from the commit
 # (SOURCE_DATE_EPOCH), owners are root, entries are sorted, compressors write no names or times.
 set -euo pipefail
+umask 022
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="$(mkdir -p "${PACKAGE_DIR:-$repo/target/package}" && cd "${PACKAGE_DIR:-$repo/target/package}" && pwd)"
 cd "${PACKAGE_SOURCE:-$repo}"
@@ -56,8 +57,9 @@ for major in "${majors[@]}"; do
     mkdir -p "$files/lib" "$files/share/extension"
     install -m 0755 "$library" "$files/lib/outbox_pg.so"
     install -m 0644 "$control" "$files/share/extension/"
-    install -m 0644 "$(dirname "$control")"/outbox_pg--*.sql sql/released/*.sql sql/upgrades/*.sql \
-        "$files/share/extension/"
+    for script in "$(dirname "$control")"/outbox_pg--*.sql sql/outbox_pg--*.sql sql/released/*.sql sql/upgrades/*.sql; do
+        install -m 0644 "$script" "$files/share/extension/"
+    done
     if [ -z "$(find "$files/share/extension" -name "outbox_pg--$VERSION.sql")" ]; then
         echo "package: no outbox_pg--$VERSION.sql was generated" >&2
         exit 1
@@ -74,17 +76,19 @@ for major in "${majors[@]}"; do
     install -m 0644 README.md "$deb_root/usr/share/doc/$name/README.md"
     printf 'outbox_pg %s\nLicense: Apache-2.0\n' "$VERSION" > "$deb_root/usr/share/doc/$name/copyright"
     # Shared-library dependencies (libc, libssl, zlib, libgcc) as dpkg-shlibdeps finds them.
-    shlibs="$(cd "$OUT" && mkdir -p shlibdeps/debian && printf 'Source: outbox-pg\n\nPackage: %s\n' "$name" > shlibdeps/debian/control \
+    shlibs="$(cd "$OUT" && mkdir -p shlibdeps/debian && printf 'Source: outbox-pg\n\nPackage: %s\nArchitecture: any\n' "$name" > shlibdeps/debian/control \
               && cd shlibdeps && dpkg-shlibdeps -O "../deb-pg$major/usr/lib/postgresql/$major/lib/outbox_pg.so" 2>/dev/null \
               | sed -n 's/^shlibs:Depends=//p')"
     installed_kb="$(du -sk --apparent-size "$deb_root/usr" | cut -f1)"
+    # Built against this minor's headers: older minors of the major are not promised to match.
+    built="$("$pg_config" --version | sed -E 's/^PostgreSQL ([0-9]+\.[0-9]+).*/\1/')"
     cat > "$deb_root/DEBIAN/control" <<CONTROL
 Package: $name
 Version: $VERSION
-Architecture: amd64
+Architecture: $(dpkg --print-architecture)
 Maintainer: outbox_pg developers <outbox-pg@invalid>
 Installed-Size: $installed_kb
-Depends: postgresql-$major${shlibs:+, $shlibs}
+Depends: postgresql-$major (>= $built)${shlibs:+, $shlibs}
 Section: database
 Priority: optional
 Homepage: https://github.com/outbox-pg/outbox_pg

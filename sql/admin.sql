@@ -15,11 +15,13 @@ $$;
 
 -- Committed events the worker has not reached yet (parked ones among them). Every part is an
 -- index range over what is still to come, never over published history. Tables only (no
--- views), so that pg_dump can use it under restrict_nonsystem_relation_kind.
+-- views), so that pg_dump can use it under restrict_nonsystem_relation_kind. SECURITY DEFINER:
+-- a role granted outbox.pending (and EXECUTE on this) sees the backlog's metadata without
+-- being granted the event rows themselves.
 CREATE FUNCTION outbox.queued()
     RETURNS TABLE (id uuid, seq bigint, event_type text, aggregate_id text, topic text,
                    created_at timestamptz)
-    LANGUAGE sql STABLE ROWS 1000
+    LANGUAGE sql STABLE SECURITY DEFINER ROWS 1000 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     WITH position AS (SELECT * FROM outbox.position())
     -- The current window: new transactions, not walked yet (an xid range)...

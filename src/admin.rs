@@ -7,7 +7,7 @@ use crate::shmem::{self, Connectivity};
 
 /// One row describing this database's worker, read from shared memory. Timestamps are Unix
 /// microseconds; `outbox.status` turns them into timestamptz.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(volatile, parallel_safe, requires = ["inbox"])]
 #[allow(clippy::type_complexity)]
 fn worker_state() -> TableIterator<
     'static,
@@ -63,7 +63,7 @@ fn worker_state() -> TableIterator<
 }
 
 /// Wakes this database's worker now; false if no worker is running for it.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, requires = [worker_state])]
 fn wake() -> bool {
     crate::wake::wake_now()
 }

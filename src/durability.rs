@@ -48,11 +48,43 @@ pub fn wait_until_durable(lsn: pg_sys::XLogRecPtr) {
     // SAFETY: XLogFlush may be called by any backend outside a critical section; `lsn` is at or
     // before the current insert position.
     unsafe { pg_sys::XLogFlush(lsn) };
-    // SyncRepWaitForLSN expects interrupts held (it watches for a stop request itself, and
-    // returns early when one arrives). It returns at once without synchronous standbys.
-    process::with_interrupts_held(|| {
-        // SAFETY: the worker's main thread, outside a transaction commit; the worker session
-        // pins synchronous_commit = on, so the wait applies whenever standbys are configured.
-        unsafe { pg_sys::SyncRepWaitForLSN(lsn, false) }
-    });
+    // SyncRepWaitForLSN also returns early when the wait is cancelled (pg_cancel_backend: a
+    // member of pg_signal_backend may send it to the worker on 14 and 15) with only a warning:
+    // wait again until the standbys really have it.
+    loop {
+        // SyncRepWaitForLSN expects interrupts held (it watches for a stop request itself, and
+        // returns early when one arrives). It returns at once without synchronous standbys.
+        process::with_interrupts_held(|| {
+            // SAFETY: the worker's main thread, outside a transaction commit; the worker
+            // session pins synchronous_commit = on, so the wait applies whenever standbys are
+            // configured.
+            unsafe { pg_sys::SyncRepWaitForLSN(lsn, false) }
+        });
+        if process::stop_requested() || standbys_have(lsn) {
+            return;
+        }
+    }
+}
+
+/// True if no synchronous standby is configured, or the synchronous standbys have flushed
+/// `lsn` (what SyncRepWaitForLSN waits for).
+fn standbys_have(lsn: pg_sys::XLogRecPtr) -> bool {
+    // SAFETY: WalSndCtl lives in shared memory for the life of the server (null only in a
+    // process that has none). Both fields are written under SyncRepLock; read without it, a
+    // byte and an aligned 8-byte word are never torn, and a stale value only means one more
+    // wait (the flush position only grows, and "defined" is re-read by the wait itself).
+    unsafe {
+        let control = pg_sys::WalSndCtl;
+        if control.is_null() {
+            return true;
+        }
+        let status = std::ptr::read_volatile(&raw const (*control).sync_standbys_status);
+        if status as u32 & pg_sys::SYNC_STANDBY_DEFINED == 0 {
+            return true;
+        }
+        let flushed = std::ptr::read_volatile(
+            &raw const (*control).lsn[pg_sys::SYNC_REP_WAIT_FLUSH as usize],
+        );
+        flushed >= lsn
+    }
 }

@@ -25,8 +25,10 @@ mod worker;
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+// Each file requires the one before it: the generated script then has one possible order, so
+// the same commit always generates the same script (packages are reproducible).
 pgrx::extension_sql_file!("../sql/api.sql", name = "api", requires = ["schema"]);
-pgrx::extension_sql_file!("../sql/inbox.sql", name = "inbox", requires = ["schema"]);
+pgrx::extension_sql_file!("../sql/inbox.sql", name = "inbox", requires = ["api"]);
 pgrx::extension_sql_file!(
     "../sql/admin.sql",
     name = "admin",

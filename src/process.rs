@@ -286,7 +286,7 @@ const PINNED: &[(&str, &str)] = &[
 ];
 
 /// Pins this session's settings against whoever controls the database: every setting that came
-/// from `ALTER DATABASE ... SET` or `ALTER ROLE ... SET` goes back to what postgresql.conf (or
+/// from `ALTER DATABASE ... SET` or `ALTER ROLE [ALL] ... SET` goes back to what postgresql.conf (or
 /// the built-in default) says, except `default_transaction_read_only` (a read-only freeze is an
 /// operator's signal the worker obeys), then [`PINNED`] applies. Call once, right after
 /// connecting, before anything else runs SQL.
@@ -300,7 +300,7 @@ pub fn pin_session_settings() {
                  LEFT JOIN LATERAL (SELECT fs.setting FROM pg_catalog.pg_file_settings fs
                                     WHERE fs.name = s.name AND fs.applied
                                     ORDER BY fs.seqno DESC LIMIT 1) f ON true
-                 WHERE s.source IN ('database', 'user', 'database user')
+                 WHERE s.source IN ('database', 'user', 'database user', 'global')
                    AND s.name <> 'default_transaction_read_only'",
                 None,
                 &[],
@@ -323,20 +323,20 @@ pub fn pin_session_settings() {
     }
 }
 
-/// The `default_transaction_read_only` that `ALTER DATABASE` / `ALTER ROLE ... SET` give this
+/// The `default_transaction_read_only` that `ALTER DATABASE` / `ALTER ROLE [ALL] ... SET` give this
 /// session, as the catalog says now (the most specific one), if any. A session applies these
 /// only when it connects: the worker compares this with what it connected with to follow a
 /// freeze set or lifted that way. Inside a transaction.
 pub fn catalog_read_only_default() -> Option<String> {
     Spi::get_one::<String>(
         "SELECT c FROM pg_catalog.pg_db_role_setting s, unnest(s.setconfig) c
-         WHERE ((s.setdatabase = (SELECT oid FROM pg_catalog.pg_database
-                                  WHERE datname = pg_catalog.current_database())
-                 AND s.setrole IN (0, (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user)))
-                OR (s.setdatabase = 0
-                    AND s.setrole = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user)))
+         WHERE s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database
+                                     WHERE datname = pg_catalog.current_database()))
+           AND s.setrole IN (0, (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user))
            AND lower(split_part(c, '=', 1)) = 'default_transaction_read_only'
-         ORDER BY s.setdatabase <> 0 AND s.setrole <> 0 DESC, s.setrole <> 0 DESC
+         -- Postgres's precedence: database and role, role, database, ALTER ROLE ALL.
+         ORDER BY s.setdatabase <> 0 AND s.setrole <> 0 DESC, s.setrole <> 0 DESC,
+                  s.setdatabase <> 0 DESC
          LIMIT 1",
     )
     .or_else(|e| match e {

@@ -292,11 +292,17 @@ impl WorkerSlot {
         }
     }
 
+    /// How many wake-ups were asked for so far. The worker compares it across a round: a wait
+    /// inside Postgres (a lock, synchronous replication) may reset the latch a commit set.
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Acquire)
+    }
+
     /// Wakes the worker if it is running. Never raises an error: safe inside commit callbacks.
     pub fn wake(&self) {
         let latch = self.latch.load(Ordering::Acquire);
         if !latch.is_null() {
-            self.wakeups.fetch_add(1, Ordering::Relaxed);
+            self.wakeups.fetch_add(1, Ordering::Release);
             // SAFETY: the pointer is a PGPROC latch in shared memory, valid for the life of the
             // cluster; if the worker has just exited, setting a recycled latch is a harmless
             // spurious wakeup. SetLatch is safe to call from any backend and never errors.

@@ -155,7 +155,7 @@ $$;
 CREATE FUNCTION outbox.queued()
     RETURNS TABLE (id uuid, seq bigint, event_type text, aggregate_id text, topic text,
                    created_at timestamptz)
-    LANGUAGE sql STABLE ROWS 1000
+    LANGUAGE sql STABLE SECURITY DEFINER ROWS 1000 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     WITH position AS (SELECT * FROM outbox.position())
     SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at

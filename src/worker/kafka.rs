@@ -2,6 +2,7 @@
 //! without ever ignoring a signal, send again what was not delivered, and replace a producer
 //! that stopped or whose settings changed. Also the broker's health as operators see it.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,9 @@ pub struct Shipping {
     /// (one question per topic and round, however many retries it has). None: any answer
     /// younger than the producer's MISSING_TOPIC_TTL counts.
     pub missing_answers_since: Option<Instant>,
+    /// Topics already asked about in this round (retries only): not asked again, whatever the
+    /// answer was (none, when the broker is away), so a round asks at most once per topic.
+    asked: RefCell<HashSet<String>>,
 }
 
 impl Shipping {
@@ -65,6 +69,7 @@ impl Shipping {
             }),
             delivery_timeout: (timeout > 0).then(|| Duration::from_millis(timeout as u64)),
             missing_answers_since: None,
+            asked: RefCell::default(),
         }
     }
 
@@ -73,6 +78,17 @@ impl Shipping {
         Shipping {
             missing_answers_since: Some(Instant::now()),
             ..Shipping::current(database)
+        }
+    }
+
+    /// Why the broker said `topic` is missing, if that answer still counts for this shipping.
+    fn remembered_missing(&self, publisher: &Publisher, topic: &str) -> Option<String> {
+        match self.missing_answers_since {
+            // Retries: this round's answers, whether or not topics are created on demand (a
+            // creation the broker refused is such an answer).
+            Some(since) => publisher.recently_missing(topic, Some(since)),
+            None if self.creation.is_none() => publisher.recently_missing(topic, None),
+            None => None,
         }
     }
 }
@@ -168,7 +184,8 @@ impl Kafka {
             let pending: Vec<usize> = (0..shipments.len())
                 .filter(|&i| shipments[i].outcome.is_none())
                 .collect();
-            let missing = self.missing_topics(shipments, &pending, how);
+            let topics = pending.iter().map(|&i| shipments[i].event.topic.as_str());
+            let missing = self.missing_topics(topics.collect(), how);
             let sent = self.send_in_order(shipments, &pending, how, &missing);
             self.await_outcomes(shipments, sent, how);
             let settlement = settle(shipments);
@@ -200,18 +217,20 @@ impl Kafka {
         }
     }
 
+    /// Asks the broker about every topic among `topics` it has not confirmed, in one request:
+    /// a round's retries, before they are shipped one at a time, so that the round asks once
+    /// per topic however many retries and topics it has.
+    pub fn check_topics(&mut self, topics: Vec<&str>, how: &Shipping) {
+        let _ = self.missing_topics(topics, how);
+    }
+
     /// Why events of some topics cannot be sent: not a valid name, not allowed, or missing
     /// (asked once per batch for the topics the broker has not confirmed yet).
-    fn missing_topics(
-        &mut self,
-        shipments: &[Shipment],
-        pending: &[usize],
-        how: &Shipping,
-    ) -> HashMap<String, String> {
+    fn missing_topics(&mut self, topics: Vec<&str>, how: &Shipping) -> HashMap<String, String> {
         let mut refused = HashMap::new();
         let mut to_check = HashSet::new();
-        for &i in pending {
-            let topic = format!("{}{}", how.prefix, shipments[i].event.topic);
+        for topic in topics {
+            let topic = format!("{}{topic}", how.prefix);
             if refused.contains_key(&topic) || to_check.contains(&topic) {
                 continue;
             }
@@ -222,19 +241,14 @@ impl Kafka {
                     topic.clone(),
                     format!("topic \"{topic}\" is not in outbox.allowed_topics"),
                 );
-            } else if let Some(reason) = how
-                .creation
-                .is_none()
-                .then(|| {
-                    self.publisher
-                        .recently_missing(&topic, how.missing_answers_since)
-                })
-                .flatten()
-            {
+            } else if let Some(reason) = how.remembered_missing(&self.publisher, &topic) {
                 refused.insert(topic, reason);
-            } else {
+            } else if !how.asked.borrow().contains(&topic) {
                 to_check.insert(topic);
             }
+        }
+        if how.missing_answers_since.is_some() {
+            how.asked.borrow_mut().extend(to_check.iter().cloned());
         }
         let unconfirmed = self.publisher.unconfirmed(to_check);
         if unconfirmed.is_empty() {

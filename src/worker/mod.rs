@@ -45,8 +45,14 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         return;
     };
     process::pin_session_settings();
+    // What ALTER DATABASE / ALTER ROLE said about read-only when this session connected: the
+    // worker follows a freeze set or lifted that way by starting a fresh session.
+    let connected_read_only = process::in_transaction(
+        "outbox_pg: reading settings",
+        process::catalog_read_only_default,
+    );
     let name = database_name();
-    let Some(mut publishing) = wait_until_ready(slot, &name) else {
+    let Some(mut publishing) = wait_until_ready(slot, &name, connected_read_only) else {
         return;
     };
     log!("outbox_pg: publishing database \"{name}\"");
@@ -70,12 +76,14 @@ fn run(publishing: &mut Publishing) {
             publishing.idle(poll_interval());
             continue;
         }
-        // A wake-up consumed by a wait inside the round (awaiting the broker) announced work
-        // this round may not have seen: go again instead of sleeping.
+        // A wake-up that arrived during the round announced work it may not have seen; the
+        // latch it set may have been consumed by a wait inside the round (ours, awaiting the
+        // broker, or Postgres's: a lock, synchronous replication). Go again instead of sleeping.
         process::take_latch_wakeup();
+        let wakeups = publishing.wakeups();
         let end = publishing.round();
         let more_history = !process::stop_requested() && publishing.expire();
-        let woken_meanwhile = process::take_latch_wakeup();
+        let woken_meanwhile = process::take_latch_wakeup() || publishing.wakeups() != wakeups;
         if end != RoundEnd::More && !more_history && !woken_meanwhile {
             publishing.idle(poll_interval());
         }
@@ -84,7 +92,11 @@ fn run(publishing: &mut Publishing) {
 
 /// Waits until the server is a primary, the extension is installed at this library's version
 /// and the producer settings work; None if asked to stop first.
-fn wait_until_ready(slot: &'static WorkerSlot, database: &str) -> Option<Publishing> {
+fn wait_until_ready(
+    slot: &'static WorkerSlot,
+    database: &str,
+    connected_read_only: Option<String>,
+) -> Option<Publishing> {
     let library = env!("CARGO_PKG_VERSION");
     let mut reported: Option<String> = None;
     let mut note = |state: WorkerState, why: &str| {
@@ -143,6 +155,7 @@ fn wait_until_ready(slot: &'static WorkerSlot, database: &str) -> Option<Publish
                                     queue,
                                     kafka.take().expect("made above"),
                                     position,
+                                    connected_read_only,
                                 ))
                             }
                             None => note(

@@ -78,6 +78,7 @@ impl Publishing {
         queue: Queue,
         kafka: Kafka,
         position: Option<Position>,
+        connected_read_only: Option<String>,
     ) -> Self {
         let position = position.unwrap_or_else(|| {
             warning!(
@@ -105,10 +106,7 @@ impl Publishing {
             busy: false,
             retries_served_at: std::time::Instant::now(),
             subscribed: None,
-            connected_read_only: process::in_transaction(
-                "outbox_pg: reading settings",
-                process::catalog_read_only_default,
-            ),
+            connected_read_only,
             wants_fresh_session: false,
         }
     }
@@ -117,6 +115,11 @@ impl Publishing {
     /// session connected (a freeze set or lifted that way).
     pub fn wants_fresh_session(&self) -> bool {
         self.wants_fresh_session
+    }
+
+    /// The slot's count of wake-ups asked for (commits, outbox.wake()).
+    pub fn wakeups(&self) -> u64 {
+        self.slot.wakeups()
     }
 
     pub fn kafka(&mut self) -> &mut Kafka {
@@ -242,6 +245,10 @@ impl Publishing {
         let mut records = Vec::new();
         // Retries one at a time: a poison event must fail alone, not with its neighbours.
         let retrying = Shipping::for_retries(&self.database);
+        if !claim.singles.is_empty() {
+            let topics = claim.singles.iter().map(|s| s.event.topic.as_str());
+            self.kafka.check_topics(topics.collect(), &retrying);
+        }
         for single in &claim.singles {
             let mut shipments = [Shipment::new(single.event.clone())];
             let settlement = self.kafka.ship(&mut shipments, &retrying);

@@ -292,6 +292,52 @@ fn a_read_only_freeze_pauses_publishing_and_sends_at_most_one_batch_twice() {
         1,
         "{log}"
     );
+    // And by ALTER ROLE ALL, the least specific level.
+    db.batch_execute("ALTER ROLE ALL SET default_transaction_read_only = on")
+        .unwrap();
+    assert!(wait_until(TIMEOUT, || db
+        .query_one("SELECT state FROM outbox.status", &[])
+        .unwrap()
+        .get::<_, String>(0)
+        == "read-only"));
+    db.batch_execute("SELECT outbox.emit('t', 'during-role-all-freeze', '{}')")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        count_published(&mut db, "e.aggregate_id = 'during-role-all-freeze'"),
+        0
+    );
+    db.batch_execute("ALTER ROLE ALL RESET default_transaction_read_only")
+        .unwrap();
+    assert!(
+        wait_until_published(&mut db, TIMEOUT),
+        "a freeze lifted by ALTER ROLE ALL is followed too"
+    );
+    // A worker that connected frozen and was lifted while it waited to become ready (here: for
+    // a lock on the outbox tables) compares with what it connected with, not with what it
+    // found once ready.
+    db.batch_execute("ALTER DATABASE postgres SET default_transaction_read_only = on")
+        .unwrap();
+    let mut locker = cluster.connect();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE outbox.batches IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let old = cluster.worker_pid("postgres").unwrap();
+    db.execute("SELECT pg_terminate_backend($1)", &[&old])
+        .unwrap();
+    assert!(wait_until(TIMEOUT, || cluster
+        .worker_pid("postgres")
+        .is_some_and(|p| p != old)));
+    std::thread::sleep(Duration::from_secs(2));
+    db.batch_execute("ALTER DATABASE postgres RESET default_transaction_read_only")
+        .unwrap();
+    db.batch_execute("SELECT outbox.emit('t', 'after-a-freeze-lifted-while-waiting', '{}')")
+        .unwrap();
+    locker.batch_execute("COMMIT").unwrap();
+    assert!(
+        wait_until_published(&mut db, TIMEOUT),
+        "a freeze lifted while the worker waited to be ready is followed"
+    );
 }
 
 /// A reporting replica or a blue/green target built with logical replication (here: FOR ALL

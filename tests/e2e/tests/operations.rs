@@ -388,7 +388,7 @@ fn databases_are_added_and_removed_with_a_reload() {
 fn the_postgres_exporter_query_runs_as_a_monitoring_role() {
     let yaml = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../contrib/postgres_exporter.yaml"
+        "/../../monitoring/postgres_exporter.yaml"
     ))
     .unwrap();
     let query: String = yaml

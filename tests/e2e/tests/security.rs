@@ -24,6 +24,7 @@ fn roles_emit_by_default_and_need_grants_for_everything_else() {
         .batch_execute(
             "CREATE EXTENSION outbox_pg;
              CREATE ROLE app LOGIN; CREATE ROLE reader LOGIN; CREATE ROLE ops LOGIN;
+             CREATE ROLE watcher LOGIN;
              SELECT outbox.emit('t', 'seed', '{}');",
         )
         .unwrap();
@@ -71,9 +72,17 @@ fn roles_emit_by_default_and_need_grants_for_everything_else() {
                                         outbox.emit(text, bigint, jsonb, jsonb, text) FROM PUBLIC;
              GRANT EXECUTE ON FUNCTION outbox.emit(text, text, jsonb, jsonb, text) TO app;
              GRANT SELECT ON outbox.events, outbox.dead_letters TO reader;
-             GRANT EXECUTE ON FUNCTION outbox.pause(), outbox.resume(), outbox.wake() TO ops;",
+             GRANT EXECUTE ON FUNCTION outbox.pause(), outbox.resume(), outbox.wake() TO ops;
+             GRANT SELECT ON outbox.pending TO watcher;
+             GRANT EXECUTE ON FUNCTION outbox.queued() TO watcher;",
         )
         .unwrap();
+    // The backlog is grantable on its own: its metadata, not the payloads.
+    assert_eq!(
+        as_role("watcher", "SELECT count(*) FROM outbox.pending"),
+        "ok"
+    );
+    assert_eq!(as_role("watcher", "SELECT * FROM outbox.events"), "42501");
     assert_eq!(
         as_role("reader", "SELECT outbox.emit('t', 'x', '{}')"),
         "42501"
