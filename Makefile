@@ -28,7 +28,7 @@ PGTEST_DIR  ?= /tmp/outbox_pg_pgtest_$(PG)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 SUDO        := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: all deps install uninstall package lint pgtest e2e test test-faults test-core test-packages demo bench clean
+.PHONY: all deps install uninstall package lint unit pgtest e2e test test-faults test-core test-packages demo bench clean
 
 all: install
 
@@ -55,6 +55,10 @@ uninstall:
 # *.tar.gz. See scripts/package.sh.
 package: deps
 	scripts/package.sh $(PACKAGE_MAJORS)
+
+# The crate without Postgres: envelope, validation, ordering, the producer (seconds).
+unit:
+	cargo test -p outbox_pg_core
 
 lint:
 	cargo fmt --all --check
@@ -86,7 +90,7 @@ test-faults: install
 	@echo "|---|---|---|---|---|---|---|---|---|---|"
 	@sort target/fault-figures.md
 
-test: deps lint pgtest e2e test-faults $(if $(filter 15,$(PG)),test-packages)
+test: deps lint unit pgtest e2e test-faults $(if $(filter 15,$(PG)),test-packages)
 
 # The core of the suite, for the other majors in CI: #[pg_test]s, publishing, both upgrades,
 # and the fault suite's crash, failover, broker and 2PC scenarios.

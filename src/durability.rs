@@ -12,6 +12,8 @@
 //! What remains: a promoted *asynchronous* standby may lack what was published (it may lack the
 //! commits themselves).
 
+use std::time::Duration;
+
 use pgrx::pg_sys;
 
 use crate::process;
@@ -63,6 +65,8 @@ pub fn wait_until_durable(lsn: pg_sys::XLogRecPtr) {
         if process::stop_requested() || standbys_have(lsn) {
             return;
         }
+        // Cancelled: look again shortly (serving signals), not in a tight loop.
+        process::wait(Duration::from_millis(10), None);
     }
 }
 
@@ -75,7 +79,8 @@ fn standbys_have(lsn: pg_sys::XLogRecPtr) -> bool {
     // wait (the flush position only grows, and "defined" is re-read by the wait itself).
     unsafe {
         let control = pg_sys::WalSndCtl;
-        if control.is_null() {
+        // Without WAL senders SyncRepWaitForLSN never waits, and no standby can confirm.
+        if control.is_null() || pg_sys::max_wal_senders == 0 {
             return true;
         }
         let status = std::ptr::read_volatile(&raw const (*control).sync_standbys_status);
