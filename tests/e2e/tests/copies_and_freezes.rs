@@ -261,26 +261,38 @@ fn a_read_only_freeze_pauses_publishing_and_sends_at_most_one_batch_twice() {
         "{duplicates} duplicates; at most one batch of 100"
     );
 
-    // The same freeze set and lifted by ALTER DATABASE, which sessions apply when they connect:
-    // the worker notices both within seconds and starts a fresh session.
+    // The same freeze set and lifted by ALTER DATABASE and by ALTER ROLE ALL (the least specific
+    // level), which sessions apply when they connect: the worker notices both within seconds and
+    // starts a fresh session.
+    let freeze_and_thaw = |db: &mut postgres::Client, target: &str, key: &str| {
+        db.batch_execute(&format!(
+            "ALTER {target} SET default_transaction_read_only = on"
+        ))
+        .unwrap();
+        assert!(wait_until(TIMEOUT, || db
+            .query_one("SELECT state FROM outbox.status", &[])
+            .unwrap()
+            .get::<_, String>(0)
+            == "read-only"));
+        db.execute("SELECT outbox.emit('t', $1::text, '{}')", &[&key])
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            count_published(db, &format!("e.aggregate_id = '{key}'")),
+            0,
+            "{target}: nothing published during the freeze"
+        );
+        db.batch_execute(&format!(
+            "ALTER {target} RESET default_transaction_read_only"
+        ))
+        .unwrap();
+        assert!(
+            wait_until_published(db, TIMEOUT),
+            "{target}: a lifted freeze is followed"
+        );
+    };
     let mark = cluster.log_mark();
-    db.batch_execute("ALTER DATABASE postgres SET default_transaction_read_only = on")
-        .unwrap();
-    assert!(wait_until(TIMEOUT, || db
-        .query_one("SELECT state FROM outbox.status", &[])
-        .unwrap()
-        .get::<_, String>(0)
-        == "read-only"));
-    db.batch_execute("SELECT outbox.emit('t', 'during-database-freeze', '{}')")
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        count_published(&mut db, "e.aggregate_id = 'during-database-freeze'"),
-        0
-    );
-    db.batch_execute("ALTER DATABASE postgres RESET default_transaction_read_only")
-        .unwrap();
-    assert!(wait_until_published(&mut db, TIMEOUT));
+    freeze_and_thaw(&mut db, "DATABASE postgres", "during-database-freeze");
     let log = cluster.log_after(mark);
     assert_eq!(
         log.matches("changed to on by ALTER DATABASE").count(),
@@ -292,27 +304,7 @@ fn a_read_only_freeze_pauses_publishing_and_sends_at_most_one_batch_twice() {
         1,
         "{log}"
     );
-    // And by ALTER ROLE ALL, the least specific level.
-    db.batch_execute("ALTER ROLE ALL SET default_transaction_read_only = on")
-        .unwrap();
-    assert!(wait_until(TIMEOUT, || db
-        .query_one("SELECT state FROM outbox.status", &[])
-        .unwrap()
-        .get::<_, String>(0)
-        == "read-only"));
-    db.batch_execute("SELECT outbox.emit('t', 'during-role-all-freeze', '{}')")
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        count_published(&mut db, "e.aggregate_id = 'during-role-all-freeze'"),
-        0
-    );
-    db.batch_execute("ALTER ROLE ALL RESET default_transaction_read_only")
-        .unwrap();
-    assert!(
-        wait_until_published(&mut db, TIMEOUT),
-        "a freeze lifted by ALTER ROLE ALL is followed too"
-    );
+    freeze_and_thaw(&mut db, "ROLE ALL", "during-role-all-freeze");
     // A worker that connected frozen and was lifted while it waited to become ready (here: for
     // a lock on the outbox tables) compares with what it connected with, not with what it
     // found once ready.
