@@ -234,6 +234,21 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// As many events received as committed (the warm-up's check).
+    pub fn caught_up(&self) -> bool {
+        self.received.lock().unwrap().len() >= self.committed.lock().unwrap().len()
+    }
+
+    /// Every committed event was received.
+    pub fn all_received(&self) -> bool {
+        let received = self.received.lock().unwrap();
+        self.committed
+            .lock()
+            .unwrap()
+            .keys()
+            .all(|id| received.contains_key(id))
+    }
+
     /// Latencies of events committed in `[from, to)`; events not received are censored at `end`.
     pub fn summary(&self, from: Instant, to: Instant, end: Instant) -> Summary {
         let committed = self.committed.lock().unwrap();

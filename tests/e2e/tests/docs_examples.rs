@@ -2,6 +2,7 @@
 //! Python (psycopg), Node (pg), Java (JDBC) and Go (pgx, from Debian's packages in GOPATH mode:
 //! the Go module proxy is not reachable from the build machines), and consuming once with Python.
 
+use outbox_pg_harness::process::run;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -18,17 +19,6 @@ fn tools() -> PathBuf {
     std::env::var_os("OUTBOX_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/outbox_pg"))
-}
-
-fn run(command: &mut Command) -> String {
-    let output = command.output().expect("example ran");
-    assert!(
-        output.status.success(),
-        "{command:?}\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]

@@ -46,14 +46,7 @@ fn deb_in(dir: &Path) -> (PathBuf, String) {
 }
 
 fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    outbox_pg_harness::process::run(Command::new(program).args(args))
 }
 
 /// Every outbox_pg file in the server's library and extension directories belongs to the

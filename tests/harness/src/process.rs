@@ -42,3 +42,15 @@ pub fn memory_kb(pid: i32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
+
+/// Runs `command` to the end; panics with its output unless it succeeded. Returns its stdout.
+pub fn run(command: &mut std::process::Command) -> String {
+    let output = command.output().expect("the command ran");
+    assert!(
+        output.status.success(),
+        "{command:?}\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

@@ -110,15 +110,11 @@ fn measure_broker_floor(broker: &Broker, topic: &str, rate: u32, duration: Durat
         Duration::from_secs(1),
         clock.clone(),
     );
-    wait_until(Duration::from_secs(30), || {
-        clock.received.lock().unwrap().len() >= clock.committed.lock().unwrap().len()
-    });
+    wait_until(Duration::from_secs(30), || clock.caught_up());
     let from = Instant::now();
     produce_at_rate(&producer, topic, "measured", rate, duration, clock.clone());
     let to = Instant::now();
-    wait_until(Duration::from_secs(10), || {
-        clock.received.lock().unwrap().len() >= clock.committed.lock().unwrap().len()
-    });
+    wait_until(Duration::from_secs(10), || clock.caught_up());
     let end = Instant::now();
     stop.store(true, Ordering::Relaxed);
     consumer.join().unwrap();
@@ -163,9 +159,7 @@ pub fn measure_latency(
         1,
         clock.clone(),
     );
-    wait_until(Duration::from_secs(30), || {
-        clock.received.lock().unwrap().len() >= clock.committed.lock().unwrap().len()
-    });
+    wait_until(Duration::from_secs(30), || clock.caught_up());
     let from = Instant::now();
     emit_at_rate(
         &cluster,
@@ -177,15 +171,7 @@ pub fn measure_latency(
     );
     let to = Instant::now();
     // Give stragglers up to 10 s.
-    wait_until(Duration::from_secs(10), || {
-        let received = clock.received.lock().unwrap();
-        clock
-            .committed
-            .lock()
-            .unwrap()
-            .keys()
-            .all(|id| received.contains_key(id))
-    });
+    wait_until(Duration::from_secs(10), || clock.all_received());
     let end = Instant::now();
     stop.store(true, Ordering::Relaxed);
     consumer.join().unwrap();

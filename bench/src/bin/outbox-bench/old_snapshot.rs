@@ -126,15 +126,7 @@ impl Run {
                 status.push(started.elapsed());
             }
         });
-        wait_until(Duration::from_secs(10), || {
-            let received = clock.received.lock().unwrap();
-            clock
-                .committed
-                .lock()
-                .unwrap()
-                .keys()
-                .all(|id| received.contains_key(id))
-        });
+        wait_until(Duration::from_secs(10), || clock.all_received());
         let end = Instant::now();
         stop.store(true, Ordering::Relaxed);
         consumer.join().unwrap();
