@@ -100,6 +100,9 @@ pub struct Kafka {
     replace: bool,
     /// Settings that did not build a producer: not tried again until they change.
     rejected: Option<ProducerSettings>,
+    /// A producer built from settings that changed while messages were in flight, to take over
+    /// once they are withdrawn.
+    staged: Option<Publisher>,
     health: BrokerHealth,
     slot: &'static WorkerSlot,
 }
@@ -121,6 +124,7 @@ impl Kafka {
             publisher,
             replace: false,
             rejected: None,
+            staged: None,
             health: BrokerHealth::default(),
             slot,
         })
@@ -143,12 +147,18 @@ impl Kafka {
         if self.rejected.as_ref() == Some(&settings) && self.replace {
             return false;
         }
-        match Publisher::new(settings.clone()) {
+        let built = match self.staged.take() {
+            Some(staged) if *staged.settings() == settings => Ok(staged),
+            _ => Publisher::new(settings.clone()),
+        };
+        match built {
             Ok(publisher) => {
                 let rebuilt = !self.replace || *publisher.settings() != *self.publisher.settings();
                 self.publisher = publisher;
                 self.replace = false;
                 self.rejected = None;
+                // A new producer's broker problems are news, even within a minute of the last.
+                self.health.forget_logging();
                 if rebuilt {
                     log!("outbox_pg: Kafka producer reconfigured");
                 } else {
@@ -157,21 +167,57 @@ impl Kafka {
                 true
             }
             Err(error) => {
-                self.rejected = Some(settings);
-                let keeping = if self.replace {
-                    "not publishing until it is fixed"
-                } else {
-                    "keeping the previous configuration"
-                };
-                pgrx::ereport!(
-                    PgLogLevel::LOG,
-                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                    format!("outbox_pg: invalid Kafka producer configuration, {keeping}: {error}"),
-                    "Check outbox.brokers and outbox.kafka_config, then SELECT pg_reload_conf()."
-                );
-                self.health.unreachable_because(self.slot, &error);
+                self.reject(settings, &error);
                 !self.replace
             }
+        }
+    }
+
+    /// True if the settings in force changed and build a producer, which is kept for
+    /// [`Kafka::refresh`]. Settings that do not are rejected here, once: a typo in a reload
+    /// must not withdraw what the working producer has in flight.
+    fn new_settings_work(&mut self) -> bool {
+        if !self.settings_changed() {
+            return false;
+        }
+        let settings = current_settings();
+        if self
+            .staged
+            .as_ref()
+            .is_some_and(|staged| *staged.settings() == settings)
+        {
+            return true;
+        }
+        match Publisher::new(settings.clone()) {
+            Ok(publisher) => {
+                self.staged = Some(publisher);
+                true
+            }
+            Err(error) => {
+                self.reject(settings, &error);
+                false
+            }
+        }
+    }
+
+    fn reject(&mut self, settings: ProducerSettings, error: &str) {
+        self.rejected = Some(settings);
+        let keeping = if self.replace {
+            "not publishing until it is fixed"
+        } else {
+            "keeping the previous configuration"
+        };
+        pgrx::ereport!(
+            PgLogLevel::LOG,
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("outbox_pg: invalid Kafka producer configuration, {keeping}: {error}"),
+            "Check outbox.brokers and outbox.kafka_config, then SELECT pg_reload_conf()."
+        );
+        // Not a broker problem: logged above, and the broker warning stays for when the
+        // broker itself does not answer.
+        self.slot.record_error(error);
+        if self.replace {
+            self.slot.set_state(WorkerState::Misconfigured);
         }
     }
 
@@ -380,7 +426,7 @@ impl Kafka {
             let reason = if process::stop_requested() {
                 let seen = *stop_seen_at.get_or_insert(now);
                 (now >= seen + STOP_GRACE).then_some("the worker is stopping")
-            } else if self.settings_changed() {
+            } else if self.new_settings_work() {
                 Some("the producer settings changed")
             } else if self.publisher.fatal_error().is_some() {
                 Some("the producer stopped")
@@ -507,6 +553,10 @@ impl BrokerHealth {
             );
             self.last_logged = Some(Instant::now());
         }
+    }
+
+    fn forget_logging(&mut self) {
+        self.last_logged = None;
     }
 
     fn reachable(&mut self, slot: &WorkerSlot) {

@@ -73,7 +73,8 @@ fn run(publishing: &mut Publishing) {
         process::serve_interrupts();
         process::reload_if_requested();
         if !publishing.kafka().refresh() {
-            publishing.idle(poll_interval());
+            // Misconfigured (set by refresh) stays the state shown until the settings work.
+            publishing.kafka().idle(poll_interval());
             continue;
         }
         // A wake-up that arrived during the round announced work it may not have seen; the

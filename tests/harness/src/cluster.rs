@@ -251,6 +251,17 @@ impl PgCluster {
         wait_until(timeout, || self.log_after(mark).contains(needle))
     }
 
+    /// Like [`PgCluster::wait_for_log_after`], but panics with the log written since `mark`.
+    #[track_caller]
+    pub fn expect_log_after(&self, mark: usize, needle: &str, timeout: Duration) {
+        if !self.wait_for_log_after(mark, needle, timeout) {
+            panic!(
+                "{needle:?} not logged within {timeout:?}; the log since:\n{}",
+                self.log_after(mark)
+            );
+        }
+    }
+
     /// `pg_ctl start` that reports a refusal instead of panicking, waiting at most `timeout`.
     pub fn try_pg_ctl_start(&self, timeout: Duration) -> Result<(), String> {
         let output = as_postgres_command()
