@@ -32,11 +32,18 @@ fn asynchronous_commit_and_an_immediate_stop_publish_no_phantoms() {
     for round in 0..10 {
         // The worker is ready (it read its position) before the receipts table is locked.
         let mut db = cluster.connect();
-        assert!(wait_until(TIMEOUT, || db
-            .query_one("SELECT state FROM outbox.status", &[])
-            .unwrap()
-            .get::<_, String>(0)
-            == "idle"));
+        let mut state = String::new();
+        assert!(
+            wait_until(TIMEOUT, || {
+                state = db
+                    .query_one("SELECT state FROM outbox.status", &[])
+                    .unwrap()
+                    .get(0);
+                state == "idle"
+            }),
+            "round {round}: the worker is {state:?}, not idle, after a restart; log:\n{}",
+            cluster.log()
+        );
         // Five transactions, claimed together once publishing resumes.
         db.batch_execute("SELECT outbox.pause()").unwrap();
         for n in 0..5 {
@@ -53,7 +60,12 @@ fn asynchronous_commit_and_an_immediate_stop_publish_no_phantoms() {
             .unwrap();
         db.batch_execute("SELECT outbox.resume()").unwrap();
         reader.read_into(&mut received, emitted, TIMEOUT);
-        assert_eq!(received.len(), emitted, "round {round} was published");
+        assert_eq!(
+            received.len(),
+            emitted,
+            "round {round} was not published; log:\n{}",
+            cluster.log()
+        );
         drop(db);
         drop(blocker);
         cluster.pg_ctl_stop("immediate");
