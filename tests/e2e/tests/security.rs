@@ -697,14 +697,15 @@ fn one_roles_failing_events_do_not_stall_another_roles_events() {
         .unwrap();
     // Warm up (producer connected, topic confirmed), then the burst alone.
     burst_drain(&cluster, "app", 1_000, "orders");
-    // Each side is the best of three bursts: one figure on a shared 2-core machine is noise.
-    let best_of_three = || {
-        (0..3)
+    // Each side is the best of five bursts: one figure on a shared 2-core machine is noise
+    // (single bursts of the same side differ by up to 1.5x here).
+    let best_of_five = || {
+        (0..5)
             .map(|_| burst_drain(&cluster, "app", 50_000, "orders"))
             .min()
             .unwrap()
     };
-    let alone = best_of_three();
+    let alone = best_of_five();
 
     // A role with nothing but EXECUTE on emit sends 100,000 events to a topic that does not
     // exist, for aggregate ids 1..100,000.
@@ -722,11 +723,11 @@ fn one_roles_failing_events_do_not_stall_another_roles_events() {
         "every failing event is parked"
     );
     // The other role's burst, for overlapping aggregate ids, while those retry.
-    let behind = best_of_three();
+    let behind = best_of_five();
     let retrying = count_parked(&mut admin, "p.topic = 'no-such-topic' AND p.attempts > 1");
     let ratio = alone.as_secs_f64() / behind.as_secs_f64();
     println!(
-        "50,000 events (best of 3): {alone:?} alone, {behind:?} behind 100,000 failing events ({ratio:.2}x; {retrying} retried meanwhile)"
+        "50,000 events (best of 5): {alone:?} alone, {behind:?} behind 100,000 failing events ({ratio:.2}x; {retrying} retried meanwhile)"
     );
     assert!(
         retrying > 0,
