@@ -14,19 +14,26 @@ use std::collections::HashMap;
 
 use crate::event::{Event, Outcome};
 
-/// One claimed event on its way: the event and, once the broker answered, its outcome.
+/// One claimed event on its way from the claim to the record: the event, the broker's answer,
+/// and what that answer means once the batch is settled.
 #[derive(Debug, Clone)]
 pub struct Shipment {
     pub event: Event,
+    /// An earlier attempt failed and the event was waiting (parked) when it was claimed.
+    pub parked: bool,
     /// None: not sent (an earlier event of its key could not be).
     pub outcome: Option<Outcome>,
+    /// Decided by [`settle`]; before that, nothing is known to be stored: send again.
+    pub disposition: Disposition,
 }
 
 impl Shipment {
-    pub fn new(event: Event) -> Self {
+    pub fn new(event: Event, parked: bool) -> Self {
         Shipment {
             event,
+            parked,
             outcome: None,
+            disposition: Disposition::SendAgain,
         }
     }
 }
@@ -42,15 +49,6 @@ pub enum Disposition {
     Waiting,
     /// Not known to be stored, and nothing earlier of its key failed: send it again now.
     SendAgain,
-}
-
-/// The settled batch: one disposition per shipment, in the same order, and the order breaches
-/// (an event published after an earlier event of its key was not) that the producer should
-/// have made impossible.
-#[derive(Debug, Default)]
-pub struct Settlement {
-    pub dispositions: Vec<Disposition>,
-    pub breaches: Vec<Breach>,
 }
 
 /// An event the broker stored although an earlier event of the same key was not stored.
@@ -71,52 +69,64 @@ enum KeyState {
     Resending(usize),
 }
 
-/// Settles `shipments` (in emission order). An event whose outcome is missing was not sent.
-pub fn settle(shipments: &[Shipment]) -> Settlement {
-    let mut keys: HashMap<(&str, &str), KeyState> = HashMap::new();
-    let mut settlement = Settlement::default();
-    for (i, shipment) in shipments.iter().enumerate() {
-        let state = keys
-            .entry(shipment.event.order_key())
-            .or_insert(KeyState::Clear);
-        let disposition = match (*state, &shipment.outcome) {
-            (KeyState::Clear, Some(Outcome::Published { partition, offset })) => {
-                Disposition::Published {
-                    partition: *partition,
-                    offset: *offset,
+/// Settles `shipments` (in emission order): sets each one's disposition, and returns the order
+/// breaches (an event published after an earlier event of its key was not) that the producer
+/// should have made impossible. An event whose outcome is missing was not sent.
+pub fn settle(shipments: &mut [Shipment]) -> Vec<Breach> {
+    let mut breaches = Vec::new();
+    let decided: Vec<Disposition> = {
+        let mut keys: HashMap<(&str, &str), KeyState> = HashMap::new();
+        let batch: &[Shipment] = shipments;
+        batch
+            .iter()
+            .enumerate()
+            .map(|(i, shipment)| {
+                let state = keys
+                    .entry(shipment.event.order_key())
+                    .or_insert(KeyState::Clear);
+                match (*state, &shipment.outcome) {
+                    (KeyState::Clear, Some(Outcome::Published { partition, offset })) => {
+                        Disposition::Published {
+                            partition: *partition,
+                            offset: *offset,
+                        }
+                    }
+                    (KeyState::Clear, Some(Outcome::Refused { error })) => {
+                        *state = KeyState::Blocked(i);
+                        Disposition::Failed {
+                            error: error.clone(),
+                        }
+                    }
+                    (KeyState::Clear, Some(Outcome::Undelivered { .. }) | None) => {
+                        *state = KeyState::Resending(i);
+                        Disposition::SendAgain
+                    }
+                    // Out there although something earlier of its key is not: keep the truth,
+                    // report it.
+                    (
+                        KeyState::Blocked(earlier) | KeyState::Resending(earlier),
+                        Some(Outcome::Published { partition, offset }),
+                    ) => {
+                        breaches.push(Breach {
+                            published: shipment.event.id,
+                            earlier: batch[earlier].event.id,
+                        });
+                        Disposition::Published {
+                            partition: *partition,
+                            offset: *offset,
+                        }
+                    }
+                    (KeyState::Blocked(_), _) => Disposition::Waiting,
+                    // A refusal behind an undelivered event is decided when both are sent again.
+                    (KeyState::Resending(_), _) => Disposition::SendAgain,
                 }
-            }
-            (KeyState::Clear, Some(Outcome::Refused { error })) => {
-                *state = KeyState::Blocked(i);
-                Disposition::Failed {
-                    error: error.clone(),
-                }
-            }
-            (KeyState::Clear, Some(Outcome::Undelivered { .. }) | None) => {
-                *state = KeyState::Resending(i);
-                Disposition::SendAgain
-            }
-            // Out there although something earlier of its key is not: keep the truth, report it.
-            (
-                KeyState::Blocked(earlier) | KeyState::Resending(earlier),
-                Some(Outcome::Published { partition, offset }),
-            ) => {
-                settlement.breaches.push(Breach {
-                    published: shipment.event.id,
-                    earlier: shipments[earlier].event.id,
-                });
-                Disposition::Published {
-                    partition: *partition,
-                    offset: *offset,
-                }
-            }
-            (KeyState::Blocked(_), _) => Disposition::Waiting,
-            // A refusal behind an undelivered event is decided when both are sent again.
-            (KeyState::Resending(_), _) => Disposition::SendAgain,
-        };
-        settlement.dispositions.push(disposition);
+            })
+            .collect()
+    };
+    for (shipment, disposition) in shipments.iter_mut().zip(decided) {
+        shipment.disposition = disposition;
     }
-    settlement
+    breaches
 }
 
 #[cfg(test)]
@@ -126,6 +136,8 @@ mod tests {
 
     fn shipment(seq: i64, key: &str, topic: &str, outcome: Option<Outcome>) -> Shipment {
         Shipment {
+            parked: false,
+            disposition: Disposition::SendAgain,
             event: Event {
                 id: uuid::Uuid::from_u128(seq as u128),
                 seq,
@@ -161,11 +173,10 @@ mod tests {
         })
     }
 
-    fn kinds(settlement: &Settlement) -> Vec<&'static str> {
-        settlement
-            .dispositions
+    fn kinds(batch: &[Shipment]) -> Vec<&'static str> {
+        batch
             .iter()
-            .map(|d| match d {
+            .map(|s| match s.disposition {
                 Disposition::Published { .. } => "published",
                 Disposition::Failed { .. } => "failed",
                 Disposition::Waiting => "waiting",
@@ -176,46 +187,47 @@ mod tests {
 
     #[test]
     fn a_failure_holds_back_only_later_events_of_its_topic_and_key() {
-        let batch = vec![
+        let mut batch = vec![
             shipment(1, "a", "t", refused()),
             shipment(2, "b", "t", published()),
             shipment(3, "a", "t", None),
             shipment(4, "a", "other", published()),
             shipment(5, "a", "t", refused()),
         ];
-        let settled = settle(&batch);
+        let breaches = settle(&mut batch);
         assert_eq!(
-            kinds(&settled),
+            kinds(&batch),
             ["failed", "published", "waiting", "published", "waiting"]
         );
-        assert!(settled.breaches.is_empty());
+        assert!(breaches.is_empty());
     }
 
     #[test]
     fn undelivered_events_and_everything_after_them_in_their_key_are_sent_again() {
-        let batch = vec![
+        let mut batch = vec![
             shipment(1, "a", "t", published()),
             shipment(2, "a", "t", undelivered()),
             shipment(3, "a", "t", refused()),
             shipment(4, "b", "t", undelivered()),
             shipment(5, "c", "t", published()),
         ];
+        settle(&mut batch);
         assert_eq!(
-            kinds(&settle(&batch)),
+            kinds(&batch),
             ["published", "again", "again", "again", "published"]
         );
     }
 
     #[test]
     fn a_later_event_published_after_an_earlier_failure_is_reported_as_a_breach() {
-        let batch = vec![
+        let mut batch = vec![
             shipment(1, "a", "t", refused()),
             shipment(2, "a", "t", published()),
         ];
-        let settled = settle(&batch);
-        assert_eq!(kinds(&settled), ["failed", "published"]);
+        let breaches = settle(&mut batch);
+        assert_eq!(kinds(&batch), ["failed", "published"]);
         assert_eq!(
-            settled.breaches,
+            breaches,
             vec![Breach {
                 published: batch[1].event.id,
                 earlier: batch[0].event.id

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use outbox_pg_core::envelope::MessageFormat;
 use outbox_pg_core::event::Outcome;
-use outbox_pg_core::ordering::{settle, Disposition, Settlement, Shipment};
+use outbox_pg_core::ordering::{settle, Breach, Disposition, Shipment};
 use outbox_pg_core::producer::{
     NotSent, ProducerSettings, Publisher, Report, TopicCreation, TopicReadiness,
 };
@@ -103,6 +103,8 @@ pub struct Kafka {
     /// A producer built from settings that changed while messages were in flight, to take over
     /// once they are withdrawn.
     staged: Option<Publisher>,
+    /// Why the stopped producer could not be made again (logged once per reason).
+    unbuildable: Option<String>,
     health: BrokerHealth,
     slot: &'static WorkerSlot,
 }
@@ -125,6 +127,7 @@ impl Kafka {
             replace: false,
             rejected: None,
             staged: None,
+            unbuildable: None,
             health: BrokerHealth::default(),
             slot,
         })
@@ -136,56 +139,86 @@ impl Kafka {
         current != *self.publisher.settings() && self.rejected.as_ref() != Some(&current)
     }
 
-    /// Replaces the producer if it stopped or the settings changed. If the new settings do not
-    /// work, the error is logged once and the previous producer stays (false if that one
-    /// stopped).
+    /// Applies changed settings, and replaces the producer if it stopped. New settings that do
+    /// not build a producer are logged once and the previous ones stay; false only if no
+    /// producer can be built at all (nothing is published until the settings are fixed).
     pub fn refresh(&mut self) -> bool {
-        if !self.replace && !self.settings_changed() {
+        let settings = current_settings();
+        if self
+            .staged
+            .as_ref()
+            .is_some_and(|staged| *staged.settings() != settings)
+        {
+            self.staged = None; // built for settings that are no longer in force
+        }
+        if self.settings_changed() {
+            let built = match self.staged.take() {
+                Some(staged) => Ok(staged),
+                None => Publisher::new(settings.clone()),
+            };
+            match built {
+                Ok(publisher) => {
+                    self.install(publisher);
+                    // A new configuration's broker problems are news, even within a minute.
+                    self.health.forget_logging();
+                    log!("outbox_pg: Kafka producer reconfigured");
+                    return true;
+                }
+                Err(error) => self.reject(settings, &error),
+            }
+        }
+        if !self.replace {
             return true;
         }
-        let settings = current_settings();
-        if self.rejected.as_ref() == Some(&settings) && self.replace {
-            return false;
-        }
-        let built = match self.staged.take() {
-            Some(staged) if *staged.settings() == settings => Ok(staged),
-            _ => Publisher::new(settings.clone()),
-        };
-        match built {
+        // The producer stopped: a new one with the settings it had.
+        match Publisher::new(self.publisher.settings().clone()) {
             Ok(publisher) => {
-                let rebuilt = !self.replace || *publisher.settings() != *self.publisher.settings();
-                self.publisher = publisher;
-                self.replace = false;
-                self.rejected = None;
-                // A new producer's broker problems are news, even within a minute of the last.
-                self.health.forget_logging();
-                if rebuilt {
-                    log!("outbox_pg: Kafka producer reconfigured");
-                } else {
-                    log!("outbox_pg: Kafka producer replaced");
-                }
+                self.install(publisher);
+                log!("outbox_pg: Kafka producer replaced");
                 true
             }
             Err(error) => {
-                self.reject(settings, &error);
-                !self.replace
+                if self.unbuildable.as_deref() != Some(error.as_str()) {
+                    pgrx::ereport!(
+                        PgLogLevel::WARNING,
+                        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("outbox_pg: the Kafka producer stopped and cannot be made again, not publishing until the settings are fixed: {error}"),
+                        "Check outbox.brokers and outbox.kafka_config, then SELECT pg_reload_conf()."
+                    );
+                    self.unbuildable = Some(error.clone());
+                }
+                self.slot.record_error(&error);
+                self.slot.set_state(WorkerState::Misconfigured);
+                false
             }
         }
+    }
+
+    fn install(&mut self, publisher: Publisher) {
+        if *publisher.settings() == current_settings() {
+            self.rejected = None;
+        }
+        self.publisher = publisher;
+        self.replace = false;
+        self.unbuildable = None;
     }
 
     /// True if the settings in force changed and build a producer, which is kept for
     /// [`Kafka::refresh`]. Settings that do not are rejected here, once: a typo in a reload
     /// must not withdraw what the working producer has in flight.
     fn new_settings_work(&mut self) -> bool {
-        if !self.settings_changed() {
-            return false;
-        }
         let settings = current_settings();
         if self
             .staged
             .as_ref()
-            .is_some_and(|staged| *staged.settings() == settings)
+            .is_some_and(|staged| *staged.settings() != settings)
         {
+            self.staged = None;
+        }
+        if !self.settings_changed() {
+            return false;
+        }
+        if self.staged.is_some() {
             return true;
         }
         match Publisher::new(settings.clone()) {
@@ -200,31 +233,26 @@ impl Kafka {
         }
     }
 
+    /// Logs, once per settings, that they do not build a producer; the previous ones stay.
     fn reject(&mut self, settings: ProducerSettings, error: &str) {
         self.rejected = Some(settings);
-        let keeping = if self.replace {
-            "not publishing until it is fixed"
-        } else {
-            "keeping the previous configuration"
-        };
         pgrx::ereport!(
             PgLogLevel::LOG,
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("outbox_pg: invalid Kafka producer configuration, {keeping}: {error}"),
+            format!(
+                "outbox_pg: invalid Kafka producer configuration, keeping the previous configuration: {error}"
+            ),
             "Check outbox.brokers and outbox.kafka_config, then SELECT pg_reload_conf()."
         );
         // Not a broker problem: logged above, and the broker warning stays for when the
         // broker itself does not answer.
         self.slot.record_error(error);
-        if self.replace {
-            self.slot.set_state(WorkerState::Misconfigured);
-        }
     }
 
     /// Sends every shipment (in order) and waits for the outcomes. What was not delivered and
     /// has nothing failed before it in its topic and key is sent again, in order, until every
-    /// shipment is settled or a stop is requested.
-    pub fn ship(&mut self, shipments: &mut [Shipment], how: &Shipping) -> Settlement {
+    /// shipment is settled or a stop is requested. Returns the order breaches the broker caused.
+    pub fn ship(&mut self, shipments: &mut [Shipment], how: &Shipping) -> Vec<Breach> {
         let mut pause = RESEND_PAUSE_MIN;
         loop {
             let pending: Vec<usize> = (0..shipments.len())
@@ -234,12 +262,12 @@ impl Kafka {
             let missing = self.missing_topics(topics.collect(), how);
             let sent = self.send_in_order(shipments, &pending, how, &missing);
             self.await_outcomes(shipments, sent, how);
-            let settlement = settle(shipments);
+            let breaches = settle(shipments);
             let again: Vec<usize> = (0..shipments.len())
-                .filter(|&i| settlement.dispositions[i] == Disposition::SendAgain)
+                .filter(|&i| shipments[i].disposition == Disposition::SendAgain)
                 .collect();
             if again.is_empty() || process::stop_requested() {
-                return settlement;
+                return breaches;
             }
             let delivered_any = pending
                 .iter()
@@ -248,13 +276,13 @@ impl Kafka {
                 self.replace = true;
             }
             if !self.refresh() {
-                return settlement; // no working producer: the rest waits for the settings
+                return breaches; // no working producer: the rest waits for the settings
             }
             if !delivered_any {
                 process::wait(pause, None);
                 pause = (pause * 2).min(RESEND_PAUSE_MAX);
                 if process::stop_requested() {
-                    return settlement;
+                    return breaches;
                 }
             }
             for i in again {
@@ -309,7 +337,7 @@ impl Kafka {
             if let Some(answer) = pending.try_take() {
                 break Some(answer);
             }
-            if process::stop_requested() || self.settings_changed() || Instant::now() >= deadline {
+            if process::stop_requested() || self.new_settings_work() || Instant::now() >= deadline {
                 break None;
             }
             process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
@@ -379,7 +407,7 @@ impl Kafka {
                         // does not answer never drains it).
                         let give_up = if process::stop_requested() {
                             Some("the worker is stopping")
-                        } else if self.settings_changed() {
+                        } else if self.new_settings_work() {
                             Some("the producer settings changed")
                         } else {
                             None
@@ -413,7 +441,7 @@ impl Kafka {
         let mut awaiting = sent;
         let started = Instant::now();
         let mut last_report = Instant::now();
-        let mut withdrawn_at: Option<Instant> = None;
+        let mut withdrawn: Option<(Instant, &str)> = None;
         let mut stop_seen_at: Option<Instant> = None;
         while awaiting > 0 {
             let reported = self.drain_reports(Some(shipments));
@@ -423,7 +451,9 @@ impl Kafka {
                 continue;
             }
             let now = Instant::now();
-            let reason = if process::stop_requested() {
+            let reason = if let Some((_, reason)) = withdrawn {
+                Some(reason)
+            } else if process::stop_requested() {
                 let seen = *stop_seen_at.get_or_insert(now);
                 (now >= seen + STOP_GRACE).then_some("the worker is stopping")
             } else if self.new_settings_work() {
@@ -438,7 +468,7 @@ impl Kafka {
                 None
             };
             if let Some(reason) = reason {
-                match withdrawn_at {
+                match withdrawn {
                     None => {
                         if reason == "the producer stalled" {
                             warning!(
@@ -448,9 +478,9 @@ impl Kafka {
                             self.replace = true;
                         }
                         self.publisher.withdraw_all();
-                        withdrawn_at = Some(now);
+                        withdrawn = Some((now, reason));
                     }
-                    Some(at) if now >= at + WITHDRAW_GRACE => {
+                    Some((at, _)) if now >= at + WITHDRAW_GRACE => {
                         // Reports that never came: give up on them, and on this producer.
                         for shipment in shipments.iter_mut() {
                             if shipment.outcome.is_none() {

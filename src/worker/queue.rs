@@ -8,12 +8,13 @@
 //! inserted (a receipt row per batch, parked rows for failures), never updated into event rows,
 //! so publishing leaves no dead tuples an old snapshot could pin.
 //!
-//! Nothing here knows about Kafka: it hands out [`Event`]s and records dispositions.
+//! Nothing here knows about Kafka: it hands out [`Shipment`]s and records what became of them.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use outbox_pg_core::event::{Event, Seq, Timestamp};
+use outbox_pg_core::ordering::Shipment;
 use pgrx::pg_sys;
 
 use super::spi::{self, Arg, Plan, Rows};
@@ -94,13 +95,6 @@ pub struct Limits {
     pub retries: usize,
 }
 
-/// An event the worker claimed, and whether it came from outbox.parked.
-#[derive(Debug)]
-pub struct Claimed {
-    pub event: Event,
-    pub parked: bool,
-}
-
 /// A row the worker cannot turn into a message (not UTF-8, headers that are not strings...): it
 /// is dead-lettered with the reason instead of stopping the worker.
 #[derive(Debug)]
@@ -114,10 +108,10 @@ pub struct Unreadable {
 #[derive(Debug, Default)]
 pub struct Claim {
     /// Failed events due for a retry, each to be sent alone.
-    pub singles: Vec<Claimed>,
+    pub singles: Vec<Shipment>,
     /// Events sent together, in emission order per topic and key: parked events released
     /// behind a published one, then new events.
-    pub group: Vec<Claimed>,
+    pub group: Vec<Shipment>,
     /// New events of a topic and key that has parked events: they wait behind those, unsent.
     pub held: Vec<uuid::Uuid>,
     pub unreadable: Vec<Unreadable>,
@@ -619,7 +613,7 @@ impl Queue {
 
     /// The full rows of `candidates`, in the candidates' order. Rows that cannot be turned
     /// into messages go to `claim.unreadable`.
-    fn read(&self, candidates: Vec<Candidate>, parked: bool, claim: &mut Claim) -> Vec<Claimed> {
+    fn read(&self, candidates: Vec<Candidate>, parked: bool, claim: &mut Claim) -> Vec<Shipment> {
         if candidates.is_empty() {
             return Vec::new();
         }
@@ -637,7 +631,7 @@ impl Queue {
                 continue; // gone since (a superuser deleted it)
             };
             match event_at(&rows, i, candidate.attempts.unwrap_or(0)) {
-                Ok(event) => events.push(Claimed { event, parked }),
+                Ok(event) => events.push(Shipment::new(event, parked)),
                 Err(reason) => claim.unreadable.push(Unreadable {
                     id: candidate.key.1,
                     parked,

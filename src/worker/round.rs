@@ -13,11 +13,11 @@
 
 use std::time::Duration;
 
-use outbox_pg_core::ordering::{Disposition, Settlement, Shipment};
+use outbox_pg_core::ordering::{Breach, Disposition, Shipment};
 use pgrx::prelude::*;
 
 use super::kafka::{Kafka, Shipping};
-use super::queue::{Claim, Claimed, Limits, Position, Queue, Record};
+use super::queue::{Claim, Limits, Position, Queue, Record};
 use super::retention::Retention;
 use crate::shmem::{WorkerSlot, WorkerState};
 use crate::{durability, guc, process};
@@ -149,7 +149,7 @@ impl Publishing {
             // Every commit the claim saw is in the WAL before this point.
             Ok((claim, durability::inserted_wal_end()))
         });
-        let (claim, visible_up_to) = match claimed {
+        let (mut claim, visible_up_to) = match claimed {
             Some(Ok(claimed)) => claimed,
             Some(Err(end)) => return self.blocked(end),
             None => return self.blocked(RoundEnd::Locked),
@@ -183,7 +183,7 @@ impl Publishing {
         if !self.kafka.broker_unreachable() {
             self.slot.set_state(WorkerState::Publishing);
         }
-        let records = self.ship(&claim);
+        let records = self.ship(&mut claim);
         let next = claim.next.clone().unwrap_or_else(|| self.position.clone());
         let published = records
             .iter()
@@ -239,7 +239,7 @@ impl Publishing {
     }
 
     /// Sends the claim and turns every outcome into what is recorded.
-    fn ship(&mut self, claim: &Claim) -> Vec<(uuid::Uuid, bool, Record)> {
+    fn ship(&mut self, claim: &mut Claim) -> Vec<(uuid::Uuid, bool, Record)> {
         let how = Shipping::current(&self.database);
         let policy = RetryPolicy::current();
         let mut records = Vec::new();
@@ -249,35 +249,28 @@ impl Publishing {
             let topics = claim.singles.iter().map(|s| s.event.topic.as_str());
             self.kafka.check_topics(topics.collect(), &retrying);
         }
-        for single in &claim.singles {
-            let mut shipments = [Shipment::new(single.event.clone())];
-            let settlement = self.kafka.ship(&mut shipments, &retrying);
-            self.note(&settlement, &shipments);
-            records.push(record_of(
-                single,
-                &settlement.dispositions[0],
-                &policy,
-                self.slot,
-            ));
+        for single in &mut claim.singles {
+            let single = std::slice::from_mut(single);
+            let breaches = self.kafka.ship(single, &retrying);
+            self.note(&breaches, single);
+            records.push(record_of(&single[0], &policy, self.slot));
         }
-        let mut shipments: Vec<Shipment> = claim
-            .group
-            .iter()
-            .map(|c| Shipment::new(c.event.clone()))
-            .collect();
-        if !shipments.is_empty() {
+        if !claim.group.is_empty() {
             // Parked events released into the group (revived, or behind a published one) are
             // retries too.
-            let how = if claim.group.iter().any(|c| c.parked) {
+            let how = if claim.group.iter().any(|s| s.parked) {
                 &retrying
             } else {
                 &how
             };
-            let settlement = self.kafka.ship(&mut shipments, how);
-            self.note(&settlement, &shipments);
-            for (claimed, disposition) in claim.group.iter().zip(&settlement.dispositions) {
-                records.push(record_of(claimed, disposition, &policy, self.slot));
-            }
+            let breaches = self.kafka.ship(&mut claim.group, how);
+            self.note(&breaches, &claim.group);
+            records.extend(
+                claim
+                    .group
+                    .iter()
+                    .map(|shipment| record_of(shipment, &policy, self.slot)),
+            );
         }
         records.extend(claim.held.iter().map(|id| (*id, false, Record::Wait)));
         for unreadable in &claim.unreadable {
@@ -301,15 +294,15 @@ impl Publishing {
     }
 
     /// Logs what operators must know about a settled batch.
-    fn note(&self, settlement: &Settlement, shipments: &[Shipment]) {
-        for breach in &settlement.breaches {
+    fn note(&self, breaches: &[Breach], shipments: &[Shipment]) {
+        for breach in breaches {
             warning!(
                 "outbox_pg: event {} was published although the earlier event {} of its topic and key was not; consumers will see them out of order",
                 breach.published, breach.earlier
             );
         }
-        for (shipment, disposition) in shipments.iter().zip(&settlement.dispositions) {
-            if let Disposition::Failed { error } = disposition {
+        for shipment in shipments {
+            if let Disposition::Failed { error } = &shipment.disposition {
                 self.slot.record_error(&format!(
                     "event {} ({}): {error}",
                     shipment.event.id, shipment.event.event_type
@@ -453,13 +446,12 @@ impl RetryPolicy {
 
 /// What to record for one claimed event.
 fn record_of(
-    claimed: &Claimed,
-    disposition: &Disposition,
+    shipment: &Shipment,
     policy: &RetryPolicy,
     slot: &WorkerSlot,
 ) -> (uuid::Uuid, bool, Record) {
-    let event = &claimed.event;
-    let record = match disposition {
+    let event = &shipment.event;
+    let record = match &shipment.disposition {
         Disposition::Published { partition, offset } => Record::Published {
             partition: *partition,
             offset: *offset,
@@ -485,15 +477,15 @@ fn record_of(
             }
         }
         // A parked event behind a failure stays as it was; a new one starts waiting.
-        Disposition::Waiting if claimed.parked => Record::Unchanged,
+        Disposition::Waiting if shipment.parked => Record::Unchanged,
         Disposition::Waiting => Record::Wait,
         // Not sent (a stop, or no working producer): sent first once the worker can.
-        Disposition::SendAgain if claimed.parked => Record::Unchanged,
+        Disposition::SendAgain if shipment.parked => Record::Unchanged,
         Disposition::SendAgain => Record::Retry {
             attempts: event.attempts,
             delay: Duration::ZERO,
             error: None,
         },
     };
-    (event.id, claimed.parked, record)
+    (event.id, shipment.parked, record)
 }

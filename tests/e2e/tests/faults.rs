@@ -600,6 +600,10 @@ fn config_faults_are_logged_and_recovered_without_restarts() {
         "keeping the previous configuration",
         Duration::from_secs(20),
     );
+    assert!(
+        !cluster.log_after(mark).contains("Purged in flight"),
+        "a reload the producer refused withdrew the working producer's messages in flight"
+    );
     let mark = cluster.log_mark();
     append("outbox.kafka_config = ''");
     append(&format!("outbox.brokers = '127.0.0.1:{}'", free_port()));
