@@ -51,6 +51,14 @@ pub fn stop_requested() -> bool {
     unsafe { pg_sys::ProcDiePending != 0 }
 }
 
+/// How many times this process re-read its configuration.
+static RELOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The number of configuration reloads so far: a change tells that a SIGHUP was served.
+pub fn reloads() -> u64 {
+    RELOADS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Re-reads postgresql.conf if a SIGHUP arrived; true if it did.
 pub fn reload_if_requested() -> bool {
     // SAFETY: ConfigReloadPending is a sig_atomic_t set by the SIGHUP handler; this is the main
@@ -62,6 +70,7 @@ pub fn reload_if_requested() -> bool {
         pg_sys::ConfigReloadPending = 0;
         pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
     }
+    RELOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     true
 }
 

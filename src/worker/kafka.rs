@@ -98,8 +98,9 @@ pub struct Kafka {
     /// The producer stopped (fatal error) or messages were given up on: replace it before the
     /// next send.
     replace: bool,
-    /// Settings that did not build a producer: not tried again until they change.
-    rejected: Option<ProducerSettings>,
+    /// Settings that did not build a producer, and the reload that brought them: not tried
+    /// again until the next reload (a file they name may have appeared meanwhile).
+    rejected: Option<(ProducerSettings, u64)>,
     /// A producer built from settings that changed while messages were in flight, to take over
     /// once they are withdrawn.
     staged: Option<Publisher>,
@@ -136,7 +137,10 @@ impl Kafka {
     /// True if the settings in force differ from the producer's, and have not been tried.
     fn settings_changed(&self) -> bool {
         let current = current_settings();
-        current != *self.publisher.settings() && self.rejected.as_ref() != Some(&current)
+        current != *self.publisher.settings()
+            && !self.rejected.as_ref().is_some_and(|(rejected, reload)| {
+                *rejected == current && *reload == process::reloads()
+            })
     }
 
     /// Applies changed settings, and replaces the producer if it stopped. New settings that do
@@ -235,7 +239,7 @@ impl Kafka {
 
     /// Logs, once per settings, that they do not build a producer; the previous ones stay.
     fn reject(&mut self, settings: ProducerSettings, error: &str) {
-        self.rejected = Some(settings);
+        self.rejected = Some((settings, process::reloads()));
         pgrx::ereport!(
             PgLogLevel::LOG,
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -253,6 +257,12 @@ impl Kafka {
     /// has nothing failed before it in its topic and key is sent again, in order, until every
     /// shipment is settled or a stop is requested. Returns the order breaches the broker caused.
     pub fn ship(&mut self, shipments: &mut [Shipment], how: &Shipping) -> Vec<Breach> {
+        // A producer given up on earlier in this round is replaced before anything more is
+        // sent: its late reports must not be taken for these shipments'. Without a producer
+        // they stay unsent (send again).
+        if self.replace && !self.refresh() {
+            return Vec::new();
+        }
         let mut pause = RESEND_PAUSE_MIN;
         loop {
             let pending: Vec<usize> = (0..shipments.len())
@@ -546,6 +556,11 @@ impl Kafka {
             process::wait(timeout, Some(self.publisher.wake_fd()));
         }
         self.drain_reports(None);
+    }
+
+    /// The producer stopped and no producer can be made from the settings: nothing is sent.
+    pub fn misconfigured(&self) -> bool {
+        self.replace && self.unbuildable.is_some()
     }
 
     pub fn broker_unreachable(&self) -> bool {

@@ -411,7 +411,9 @@ impl Publishing {
             self.slot.report().state,
             Some(WorkerState::Paused | WorkerState::ReadOnly | WorkerState::WaitingForLock)
         ) {
-            self.slot.set_state(if self.kafka.broker_unreachable() {
+            self.slot.set_state(if self.kafka.misconfigured() {
+                WorkerState::Misconfigured
+            } else if self.kafka.broker_unreachable() {
                 WorkerState::BrokerUnreachable
             } else {
                 WorkerState::Idle
