@@ -148,13 +148,7 @@ impl Kafka {
     /// producer can be built at all (nothing is published until the settings are fixed).
     pub fn refresh(&mut self) -> bool {
         let settings = current_settings();
-        if self
-            .staged
-            .as_ref()
-            .is_some_and(|staged| *staged.settings() != settings)
-        {
-            self.staged = None; // built for settings that are no longer in force
-        }
+        self.drop_stale_staged(&settings);
         if self.settings_changed() {
             let built = match self.staged.take() {
                 Some(staged) => Ok(staged),
@@ -198,6 +192,17 @@ impl Kafka {
         }
     }
 
+    /// Forgets a staged producer built for settings that are no longer in force.
+    fn drop_stale_staged(&mut self, settings: &ProducerSettings) {
+        if self
+            .staged
+            .as_ref()
+            .is_some_and(|staged| staged.settings() != settings)
+        {
+            self.staged = None;
+        }
+    }
+
     fn install(&mut self, publisher: Publisher) {
         if *publisher.settings() == current_settings() {
             self.rejected = None;
@@ -212,13 +217,7 @@ impl Kafka {
     /// must not withdraw what the working producer has in flight.
     fn new_settings_work(&mut self) -> bool {
         let settings = current_settings();
-        if self
-            .staged
-            .as_ref()
-            .is_some_and(|staged| *staged.settings() != settings)
-        {
-            self.staged = None;
-        }
+        self.drop_stale_staged(&settings);
         if !self.settings_changed() {
             return false;
         }

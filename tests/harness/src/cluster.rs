@@ -316,26 +316,19 @@ impl PgCluster {
     /// Runs a client program of this server's version (pg_dump, pg_restore, psql...) against
     /// this cluster with `args`; panics with its output if it fails.
     pub fn client(&self, program: &str, args: &[&str]) -> String {
-        let output = Command::new(pg_bin().join(program))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(args)
-            .env_remove("PGDATABASE")
-            .output()
-            .unwrap_or_else(|e| panic!("{program}: {e}"));
-        assert!(
-            output.status.success(),
-            "{program} {args:?} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        crate::process::run(
+            Command::new(pg_bin().join(program))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .args(args)
+                .env_remove("PGDATABASE"),
+        )
     }
 
     /// A directory for files of this cluster's test (dumps), removed with the cluster.
