@@ -22,6 +22,9 @@ CREATE FUNCTION outbox.queued()
     RETURNS TABLE (id uuid, seq bigint, event_type text, aggregate_id text, topic text,
                    created_at timestamptz)
     LANGUAGE sql STABLE SECURITY DEFINER ROWS 1000 SET search_path = pg_catalog, pg_temp
+    -- Index walks only: the position comes from a function, so the planner cannot see how
+    -- narrow each range is, and a scan of the table would cost its whole history.
+    SET enable_seqscan = off SET enable_bitmapscan = off
 BEGIN ATOMIC
     WITH position AS (SELECT * FROM outbox.position())
     -- The current window: new transactions, not walked yet (an xid range)...
@@ -186,8 +189,8 @@ BEGIN
 END
 $$;
 
--- Give up on a dead or retrying event: it is never published, and the events of its topic and
--- key that waited behind it go on. The event row stays until outbox.retention removes it.
+-- Give up on a dead or retrying event: it is never published, its row is deleted, and the
+-- events of its topic and key that waited behind it go on.
 CREATE FUNCTION outbox.discard(event_id uuid) RETURNS void
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -205,6 +208,7 @@ BEGIN
     END IF;
     RAISE LOG 'outbox_pg: event % discarded by %', event_id, session_user;
     PERFORM outbox.advance_keys(ARRAY[event_id]);
+    DELETE FROM outbox.events e WHERE e.id = discard.event_id;
     PERFORM outbox.wake();
 END
 $$;

@@ -278,10 +278,15 @@ const PINNED: &[(&str, &str)] = &[
     // The worker's statements are small; compiling them costs more than running them.
     ("jit", "off"),
     // Every statement of ours is an ordered index walk with a LIMIT; a plan made from stale
-    // statistics (a burst right after a window opened) would otherwise scan or bitmap-scan a
-    // whole transaction's or table's rows and sort them, every round (see worker::queue).
+    // statistics (a never-analyzed table, a burst beyond the histogram) would otherwise scan,
+    // bitmap-scan or walk another index over a whole window's or table's rows and sort them,
+    // every round: O(window) per batch, and O(history) behind an old snapshot (see
+    // worker::queue). With these off, the only plans left are the walks.
     ("enable_seqscan", "off"),
     ("enable_bitmapscan", "off"),
+    ("enable_sort", "off"),
+    // The plans are the walks whatever the arguments: plan once, not at every execution.
+    ("plan_cache_mode", "force_generic_plan"),
     ("max_parallel_workers_per_gather", "0"),
     ("DateStyle", "ISO, MDY"),
     ("IntervalStyle", "postgres"),

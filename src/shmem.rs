@@ -12,7 +12,7 @@
 
 use std::ptr;
 use std::sync::atomic::{
-    AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering,
+    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering,
 };
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -95,8 +95,12 @@ pub struct WorkerSlot {
     /// The worker's process latch, null while it is not running. Written by the worker.
     latch: AtomicPtr<pg_sys::Latch>,
     state: AtomicU32,
-    /// Latch sets by committing transactions that emitted events, and by outbox.wake().
+    /// Wake-ups asked for by committing transactions that emitted events, and by outbox.wake().
     wakeups: AtomicU64,
+    /// The worker is about to wait for work: a wake-up sets its latch. Otherwise it is busy, a
+    /// wake-up is only counted, and the worker compares the count before it waits (so a commit
+    /// during a round costs neither side a signal). Written by the worker.
+    listening: AtomicBool,
     /// Events published per second over the last minute: `per_second[i]` counts second
     /// `second[i]` (Unix time). Written by the worker only.
     per_second: [AtomicU64; RATE_WINDOW_S],
@@ -277,6 +281,7 @@ impl WorkerSlot {
         }
         // SAFETY: a background worker with shared-memory access has a valid MyProc.
         let latch = unsafe { &raw mut (*pg_sys::MyProc).procLatch };
+        self.listening.store(true, Ordering::SeqCst);
         self.latch.store(latch, Ordering::Release);
         true
     }
@@ -298,15 +303,27 @@ impl WorkerSlot {
         self.wakeups.load(Ordering::Acquire)
     }
 
-    /// Wakes the worker if it is running. Never raises an error: safe inside commit callbacks.
+    /// Worker: whether a wake-up should set its latch (`true`, before it waits for work) or
+    /// only be counted (`false`, while it is busy). After turning it on, the worker compares
+    /// [`WorkerSlot::wakeups`] with the count it started from before it waits: a wake-up that
+    /// came before the switch is counted, one after it sets the latch (both sides SeqCst).
+    pub fn listen(&self, on: bool) {
+        self.listening.store(on, Ordering::SeqCst);
+    }
+
+    /// Wakes the worker if it is running and listening; counts the wake-up either way. Never
+    /// raises an error: safe inside commit callbacks.
     pub fn wake(&self) {
         let latch = self.latch.load(Ordering::Acquire);
         if !latch.is_null() {
-            self.wakeups.fetch_add(1, Ordering::Release);
-            // SAFETY: the pointer is a PGPROC latch in shared memory, valid for the life of the
-            // cluster; if the worker has just exited, setting a recycled latch is a harmless
-            // spurious wakeup. SetLatch is safe to call from any backend and never errors.
-            unsafe { pg_sys::SetLatch(latch) };
+            self.wakeups.fetch_add(1, Ordering::SeqCst);
+            if self.listening.load(Ordering::SeqCst) {
+                // SAFETY: the pointer is a PGPROC latch in shared memory, valid for the life of
+                // the cluster; if the worker has just exited, setting a recycled latch is a
+                // harmless spurious wakeup. SetLatch is safe to call from any backend and never
+                // errors.
+                unsafe { pg_sys::SetLatch(latch) };
+            }
         }
     }
 }

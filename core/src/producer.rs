@@ -49,7 +49,7 @@ const MESSAGE_FRAMING_BYTES: i32 = 64 * 1024;
 /// - No message timeout: the worker decides when to give up (`outbox.delivery_timeout`), so a
 ///   message is never abandoned by librdkafka behind the worker's back.
 /// - `linger.ms` trades a millisecond of latency for batching under load.
-const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
+pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("enable.gapless.guarantee", "true"),
     ("max.in.flight.requests.per.connection", "1"),

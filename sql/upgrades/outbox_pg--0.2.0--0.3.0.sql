@@ -28,10 +28,16 @@ CREATE TABLE outbox.batches (
     late_after_id    uuid,
     event_ids        uuid[]      NOT NULL,
     partitions       int[]       NOT NULL,
-    offsets          bigint[]    NOT NULL
+    offsets          bigint[]    NOT NULL,
+    event_count      int         NOT NULL GENERATED ALWAYS AS (cardinality(event_ids)) STORED
 );
 COMMENT ON TABLE outbox.batches IS
     'Receipts of published batches (outbox.deliveries lists them per event) and the worker''s position.';
+-- Out of line and uncompressed: a batch's ids do not compress, and trying costs the worker more
+-- than storing them.
+ALTER TABLE outbox.batches ALTER COLUMN event_ids SET STORAGE EXTERNAL,
+                           ALTER COLUMN partitions SET STORAGE EXTERNAL,
+                           ALTER COLUMN offsets SET STORAGE EXTERNAL;
 
 CREATE TABLE outbox.parked (
     event_id         uuid        PRIMARY KEY,
@@ -130,11 +136,14 @@ BEGIN
 END
 $$;
 CREATE TRIGGER skip_replicated BEFORE INSERT OR UPDATE ON outbox.batches
-    FOR EACH ROW EXECUTE FUNCTION outbox.skip_replicated();
+    FOR EACH ROW WHEN (pg_catalog.current_setting('session_replication_role') = 'replica')
+    EXECUTE FUNCTION outbox.skip_replicated();
 CREATE TRIGGER skip_replicated BEFORE INSERT OR UPDATE ON outbox.parked
-    FOR EACH ROW EXECUTE FUNCTION outbox.skip_replicated();
+    FOR EACH ROW WHEN (pg_catalog.current_setting('session_replication_role') = 'replica')
+    EXECUTE FUNCTION outbox.skip_replicated();
 CREATE TRIGGER skip_replicated BEFORE INSERT OR UPDATE ON outbox.control
-    FOR EACH ROW EXECUTE FUNCTION outbox.skip_replicated();
+    FOR EACH ROW WHEN (pg_catalog.current_setting('session_replication_role') = 'replica')
+    EXECUTE FUNCTION outbox.skip_replicated();
 ALTER TABLE outbox.batches ENABLE ALWAYS TRIGGER skip_replicated;
 ALTER TABLE outbox.parked ENABLE ALWAYS TRIGGER skip_replicated;
 ALTER TABLE outbox.control ENABLE ALWAYS TRIGGER skip_replicated;
@@ -156,6 +165,9 @@ CREATE FUNCTION outbox.queued()
     RETURNS TABLE (id uuid, seq bigint, event_type text, aggregate_id text, topic text,
                    created_at timestamptz)
     LANGUAGE sql STABLE SECURITY DEFINER ROWS 1000 SET search_path = pg_catalog, pg_temp
+    -- Index walks only: the position comes from a function, so the planner cannot see how
+    -- narrow each range is, and a scan of the table would cost its whole history.
+    SET enable_seqscan = off SET enable_bitmapscan = off
 BEGIN ATOMIC
     WITH position AS (SELECT * FROM outbox.position())
     SELECT e.id, e.seq, e.event_type, e.aggregate_id, e.topic, e.created_at
@@ -320,6 +332,7 @@ BEGIN
     END IF;
     RAISE LOG 'outbox_pg: event % discarded by %', event_id, session_user;
     PERFORM outbox.advance_keys(ARRAY[event_id]);
+    DELETE FROM outbox.events e WHERE e.id = discard.event_id;
     PERFORM outbox.wake();
 END
 $$;

@@ -93,8 +93,103 @@ impl Shipping {
     }
 }
 
+/// The bookkeeping of shipments handed to the producer. A shipment's report carries `base` plus
+/// its position in the caller's list. The shipments before `head` are the head batch; those
+/// after it were sent while the head was in flight (see worker::round), and the head's outcomes
+/// are known once `head_awaiting` is 0.
+pub struct Flight {
+    base: usize,
+    head: usize,
+    head_awaiting: usize,
+    rest_awaiting: usize,
+    /// Reports that the broker stored a message.
+    delivered: usize,
+    /// When the head batch, and the batch behind it, were handed over (delivery_timeout).
+    head_started: Instant,
+    rest_started: Instant,
+    last_report: Instant,
+    withdrawn: Option<(Instant, &'static str)>,
+    stop_seen_at: Option<Instant>,
+}
+
+impl Flight {
+    fn new(base: usize) -> Flight {
+        Flight {
+            base,
+            head: usize::MAX,
+            head_awaiting: 0,
+            rest_awaiting: 0,
+            delivered: 0,
+            head_started: Instant::now(),
+            rest_started: Instant::now(),
+            last_report: Instant::now(),
+            withdrawn: None,
+            stop_seen_at: None,
+        }
+    }
+
+    /// Everything sent so far has an outcome.
+    pub fn done(&self) -> bool {
+        self.head_awaiting == 0 && self.rest_awaiting == 0
+    }
+
+    /// Every message of the head batch has an outcome.
+    pub fn head_done(&self) -> bool {
+        self.head_awaiting == 0
+    }
+
+    /// Shipments from position `at` on belong to the batch after the head.
+    pub fn close_head(&mut self, at: usize) {
+        self.head = self.head.min(at);
+        self.rest_started = Instant::now();
+    }
+
+    /// The head batch is recorded and leaves the caller's list: the next batch heads the
+    /// flight.
+    pub fn advance(&mut self) {
+        let head = self.head;
+        assert!(
+            head != usize::MAX && self.head_awaiting == 0,
+            "the head batch is done"
+        );
+        self.base += head;
+        self.head = usize::MAX;
+        self.head_awaiting = std::mem::take(&mut self.rest_awaiting);
+        self.head_started = self.rest_started;
+    }
+
+    fn awaiting(&self) -> usize {
+        self.head_awaiting + self.rest_awaiting
+    }
+
+    fn sent(&mut self, i: usize) {
+        if i < self.head {
+            self.head_awaiting += 1;
+        } else {
+            self.rest_awaiting += 1;
+        }
+    }
+
+    fn reported(&mut self, i: usize, published: bool) {
+        let awaiting = if i < self.head {
+            &mut self.head_awaiting
+        } else {
+            &mut self.rest_awaiting
+        };
+        *awaiting = awaiting.saturating_sub(1);
+        self.delivered += usize::from(published);
+    }
+
+    fn give_up(&mut self) {
+        self.head_awaiting = 0;
+        self.rest_awaiting = 0;
+    }
+}
+
 pub struct Kafka {
     publisher: Publisher,
+    /// The next report index no flight has used: a report is never taken for another flight's.
+    next_index: usize,
     /// The producer stopped (fatal error) or messages were given up on: replace it before the
     /// next send.
     replace: bool,
@@ -125,6 +220,7 @@ impl Kafka {
         let publisher = Publisher::new(current_settings())?;
         Ok(Kafka {
             publisher,
+            next_index: 0,
             replace: false,
             rejected: None,
             staged: None,
@@ -252,25 +348,67 @@ impl Kafka {
         self.slot.record_error(error);
     }
 
-    /// Sends every shipment (in order) and waits for the outcomes. What was not delivered and
-    /// has nothing failed before it in its topic and key is sent again, in order, until every
-    /// shipment is settled or a stop is requested. Returns the order breaches the broker caused.
+    /// Sends every shipment (in order) and waits for the outcomes; see [`Kafka::finish`].
+    /// Returns the order breaches the broker caused.
     pub fn ship(&mut self, shipments: &mut [Shipment], how: &Shipping) -> Vec<Breach> {
-        // A producer given up on earlier in this round is replaced before anything more is
-        // sent: its late reports must not be taken for these shipments'. Without a producer
-        // they stay unsent (send again).
-        if self.replace && !self.refresh() {
+        let mut flight = self.flight();
+        if !self.send(shipments, 0, &mut flight, how) {
             return Vec::new();
         }
+        self.finish(shipments, flight, how)
+    }
+
+    /// A new flight: its reports cannot be taken for any earlier flight's.
+    pub fn flight(&self) -> Flight {
+        Flight::new(self.next_index)
+    }
+
+    /// Hands `shipments[from..]` that have no outcome yet to the producer, in order, as part
+    /// of `flight` (indexes relative to `shipments[0]`); a topic and key whose event is refused
+    /// on the spot sends nothing more. False if there is no working producer (nothing sent).
+    pub fn send(
+        &mut self,
+        shipments: &mut [Shipment],
+        from: usize,
+        flight: &mut Flight,
+        how: &Shipping,
+    ) -> bool {
+        // A producer given up on earlier is replaced before anything more is sent: its late
+        // reports must not be taken for these shipments'. Without a producer they stay unsent
+        // (send again).
+        if self.replace && !self.refresh() {
+            return false;
+        }
+        let pending: Vec<usize> = (from..shipments.len())
+            .filter(|&i| shipments[i].outcome.is_none())
+            .collect();
+        let topics: HashSet<String> = pending
+            .iter()
+            .map(|&i| shipments[i].event.topic.clone())
+            .collect();
+        let missing = self.missing_topics(
+            topics.iter().map(String::as_str).collect(),
+            how,
+            Some((&mut *shipments, &mut *flight)),
+        );
+        self.send_in_order(shipments, &pending, flight, how, &missing);
+        true
+    }
+
+    /// Waits for everything in `flight`, then settles `shipments`. What was not delivered and
+    /// has nothing failed before it in its topic and key is sent again, in order, until every
+    /// shipment is settled or a stop is requested. Returns the order breaches the broker caused.
+    pub fn finish(
+        &mut self,
+        shipments: &mut [Shipment],
+        mut flight: Flight,
+        how: &Shipping,
+    ) -> Vec<Breach> {
         let mut pause = RESEND_PAUSE_MIN;
         loop {
-            let pending: Vec<usize> = (0..shipments.len())
-                .filter(|&i| shipments[i].outcome.is_none())
-                .collect();
-            let topics = pending.iter().map(|&i| shipments[i].event.topic.as_str());
-            let missing = self.missing_topics(topics.collect(), how);
-            let sent = self.send_in_order(shipments, &pending, how, &missing);
-            self.await_outcomes(shipments, sent, how);
+            while !flight.done() {
+                self.step(shipments, &mut flight, how);
+            }
             let breaches = settle(shipments);
             let again: Vec<usize> = (0..shipments.len())
                 .filter(|&i| shipments[i].disposition == Disposition::SendAgain)
@@ -278,16 +416,13 @@ impl Kafka {
             if again.is_empty() || process::stop_requested() {
                 return breaches;
             }
-            let delivered_any = pending
-                .iter()
-                .any(|&i| matches!(shipments[i].outcome, Some(Outcome::Published { .. })));
             if self.publisher.fatal_error().is_some() {
                 self.replace = true;
             }
             if !self.refresh() {
                 return breaches; // no working producer: the rest waits for the settings
             }
-            if !delivered_any {
+            if flight.delivered == 0 {
                 process::wait(pause, None);
                 pause = (pause * 2).min(RESEND_PAUSE_MAX);
                 if process::stop_requested() {
@@ -297,6 +432,10 @@ impl Kafka {
             for i in again {
                 shipments[i].outcome = None;
             }
+            flight = self.flight();
+            if !self.send(shipments, 0, &mut flight, how) {
+                return breaches;
+            }
         }
     }
 
@@ -304,12 +443,18 @@ impl Kafka {
     /// a round's retries, before they are shipped one at a time, so that the round asks once
     /// per topic however many retries and topics it has.
     pub fn check_topics(&mut self, topics: Vec<&str>, how: &Shipping) {
-        let _ = self.missing_topics(topics, how);
+        let _ = self.missing_topics(topics, how, None);
     }
 
     /// Why events of some topics cannot be sent: not a valid name, not allowed, or missing
-    /// (asked once per batch for the topics the broker has not confirmed yet).
-    fn missing_topics(&mut self, topics: Vec<&str>, how: &Shipping) -> HashMap<String, String> {
+    /// (asked once per batch for the topics the broker has not confirmed yet). Delivery
+    /// reports that arrive while the broker is asked go to `in_flight` (a batch flying ahead).
+    fn missing_topics(
+        &mut self,
+        topics: Vec<&str>,
+        how: &Shipping,
+        mut in_flight: Option<(&mut [Shipment], &mut Flight)>,
+    ) -> HashMap<String, String> {
         let mut refused = HashMap::new();
         let mut to_check = HashSet::new();
         for topic in topics {
@@ -350,7 +495,8 @@ impl Kafka {
                 break None;
             }
             process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
-            self.drain_reports(None);
+            let target = in_flight.as_mut().map(|(s, f)| (&mut **s, &mut **f));
+            self.drain_reports(target);
         };
         match answer {
             Some(TopicReadiness::Known(states)) => {
@@ -374,17 +520,17 @@ impl Kafka {
         refused
     }
 
-    /// Hands the pending shipments to the producer in order; a topic and key whose event is
-    /// refused on the spot sends nothing more. Returns how many were handed over.
+    /// Hands the pending shipments to the producer in order, counting them into `flight`; a
+    /// topic and key whose event is refused on the spot sends nothing more.
     fn send_in_order(
         &mut self,
         shipments: &mut [Shipment],
         pending: &[usize],
+        flight: &mut Flight,
         how: &Shipping,
         refused: &HashMap<String, String>,
-    ) -> usize {
+    ) {
         let mut stopped: HashSet<(String, String)> = HashSet::new();
-        let mut sent = 0;
         for &i in pending {
             let key = {
                 let (topic, key) = shipments[i].event.order_key();
@@ -402,12 +548,14 @@ impl Kafka {
                 continue;
             }
             loop {
+                let index = flight.base + i;
                 match self
                     .publisher
-                    .send(i, &shipments[i].event, &topic, &how.format)
+                    .send(index, &shipments[i].event, &topic, &how.format)
                 {
                     Ok(()) => {
-                        sent += 1;
+                        flight.sent(i);
+                        self.next_index = self.next_index.max(index + 1);
                         break;
                     }
                     Err(NotSent::QueueFull) => {
@@ -430,7 +578,7 @@ impl Kafka {
                         }
                         self.publisher.arm_wakeup();
                         process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
-                        sent -= self.drain_reports(Some(shipments)).min(sent);
+                        self.drain_reports(Some((shipments, flight)));
                     }
                     Err(NotSent::Refused(outcome)) => {
                         shipments[i].outcome = Some(outcome);
@@ -440,81 +588,80 @@ impl Kafka {
                 }
             }
         }
-        sent
     }
 
-    /// Waits until `sent` more shipments have outcomes. Signals are obeyed at every step: a
-    /// stop gives in-flight messages STOP_GRACE, then withdraws them; a settings change, a
-    /// stopped producer, `outbox.delivery_timeout` or a stall withdraw them too.
-    fn await_outcomes(&mut self, shipments: &mut [Shipment], sent: usize, how: &Shipping) {
-        let mut awaiting = sent;
-        let started = Instant::now();
-        let mut last_report = Instant::now();
-        let mut withdrawn: Option<(Instant, &str)> = None;
-        let mut stop_seen_at: Option<Instant> = None;
-        while awaiting > 0 {
-            let reported = self.drain_reports(Some(shipments));
-            if reported > 0 {
-                last_report = Instant::now();
-                awaiting -= reported.min(awaiting);
-                continue;
-            }
-            let now = Instant::now();
-            let reason = if let Some((_, reason)) = withdrawn {
-                Some(reason)
-            } else if process::stop_requested() {
-                let seen = *stop_seen_at.get_or_insert(now);
-                (now >= seen + STOP_GRACE).then_some("the worker is stopping")
-            } else if self.new_settings_work() {
-                Some("the producer settings changed")
-            } else if self.publisher.fatal_error().is_some() {
-                Some("the producer stopped")
-            } else if how.delivery_timeout.is_some_and(|t| now >= started + t) {
-                Some("outbox.delivery_timeout passed")
-            } else if now >= last_report + STALL_TIMEOUT {
-                Some("the producer stalled")
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                match withdrawn {
-                    None => {
-                        if reason == "the producer stalled" {
-                            warning!(
-                                "outbox_pg: no delivery report for {}s with {awaiting} events in flight; replacing the Kafka producer",
-                                STALL_TIMEOUT.as_secs()
-                            );
-                            self.replace = true;
-                        }
-                        self.publisher.withdraw_all();
-                        withdrawn = Some((now, reason));
-                    }
-                    Some((at, _)) if now >= at + WITHDRAW_GRACE => {
-                        // Reports that never came: give up on them, and on this producer.
-                        for shipment in shipments.iter_mut() {
-                            if shipment.outcome.is_none() {
-                                shipment.outcome = Some(Outcome::Undelivered {
-                                    error: format!("withdrawn: {reason}"),
-                                });
-                            }
-                        }
-                        self.replace = true;
-                        return;
-                    }
-                    Some(_) => {}
-                }
-            }
-            self.publisher.arm_wakeup();
-            if !self.publisher.reports().is_empty() {
-                continue;
-            }
-            process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
+    /// Waits a moment (WAIT_SLICE at most) for reports of what is in `flight`. Signals are
+    /// obeyed at every step: a stop gives in-flight messages STOP_GRACE, then withdraws them; a
+    /// settings change, a stopped producer, `outbox.delivery_timeout` or a stall withdraw them
+    /// too, and reports still missing WITHDRAW_GRACE after a withdrawal are given up on.
+    pub fn step(&mut self, shipments: &mut [Shipment], flight: &mut Flight, how: &Shipping) {
+        if flight.done() {
+            return;
         }
+        if self.drain_reports(Some((shipments, flight))) > 0 {
+            flight.last_report = Instant::now();
+            return;
+        }
+        let now = Instant::now();
+        let reason = if let Some((_, reason)) = flight.withdrawn {
+            Some(reason)
+        } else if process::stop_requested() {
+            let seen = *flight.stop_seen_at.get_or_insert(now);
+            (now >= seen + STOP_GRACE).then_some("the worker is stopping")
+        } else if self.new_settings_work() {
+            Some("the producer settings changed")
+        } else if self.publisher.fatal_error().is_some() {
+            Some("the producer stopped")
+        } else if how
+            .delivery_timeout
+            .is_some_and(|t| now >= flight.head_started + t)
+        {
+            Some("outbox.delivery_timeout passed")
+        } else if now >= flight.last_report + STALL_TIMEOUT {
+            Some("the producer stalled")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            match flight.withdrawn {
+                None => {
+                    if reason == "the producer stalled" {
+                        warning!(
+                            "outbox_pg: no delivery report for {}s with {} events in flight; replacing the Kafka producer",
+                            STALL_TIMEOUT.as_secs(),
+                            flight.awaiting()
+                        );
+                        self.replace = true;
+                    }
+                    self.publisher.withdraw_all();
+                    flight.withdrawn = Some((now, reason));
+                }
+                Some((at, _)) if now >= at + WITHDRAW_GRACE => {
+                    // Reports that never came: give up on them, and on this producer.
+                    for shipment in shipments.iter_mut() {
+                        if shipment.outcome.is_none() {
+                            shipment.outcome = Some(Outcome::Undelivered {
+                                error: format!("withdrawn: {reason}"),
+                            });
+                        }
+                    }
+                    flight.give_up();
+                    self.replace = true;
+                    return;
+                }
+                Some(_) => {}
+            }
+        }
+        self.publisher.arm_wakeup();
+        if !self.publisher.reports().is_empty() {
+            return;
+        }
+        process::wait(WAIT_SLICE, Some(self.publisher.wake_fd()));
     }
 
-    /// Handles every report waiting in the channel; delivery reports go to `shipments`.
-    /// Returns how many delivery reports were taken.
-    pub fn drain_reports(&mut self, mut shipments: Option<&mut [Shipment]>) -> usize {
+    /// Handles every report waiting in the channel; delivery reports of `flight` go to its
+    /// shipments. Returns how many delivery reports were taken.
+    pub fn drain_reports(&mut self, mut target: Option<(&mut [Shipment], &mut Flight)>) -> usize {
         let mut delivered = 0;
         let reports: Vec<Report> = self.publisher.reports().try_iter().collect();
         for report in reports {
@@ -523,9 +670,15 @@ impl Kafka {
                     if outcome.is_published() {
                         self.health.reachable(self.slot);
                     }
-                    if let Some(shipment) = shipments.as_deref_mut().and_then(|s| s.get_mut(index))
-                    {
+                    let Some((shipments, flight)) = target.as_mut() else {
+                        continue;
+                    };
+                    let Some(i) = index.checked_sub(flight.base) else {
+                        continue; // an earlier flight's
+                    };
+                    if let Some(shipment) = shipments.get_mut(i) {
                         if shipment.outcome.is_none() {
+                            flight.reported(i, outcome.is_published());
                             shipment.outcome = Some(outcome);
                             delivered += 1;
                         }
@@ -555,6 +708,12 @@ impl Kafka {
             process::wait(timeout, Some(self.publisher.wake_fd()));
         }
         self.drain_reports(None);
+    }
+
+    /// True if the producer can take more behind what it has in flight: it has not stopped
+    /// and is not due to be replaced (a replacement would drop the reports still to come).
+    pub fn takes_more(&self) -> bool {
+        !self.replace && self.publisher.fatal_error().is_none()
     }
 
     /// The producer stopped and no producer can be made from the settings: nothing is sent.

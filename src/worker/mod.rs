@@ -23,6 +23,7 @@ use crate::shmem::{self, Ticket, WorkerSlot, WorkerState};
 use crate::{guc, process};
 use kafka::Kafka;
 use queue::Queue;
+use retention::Retention;
 use round::{Publishing, RoundEnd};
 
 /// Background worker entry point; `arg` is the ticket the launcher issued.
@@ -57,6 +58,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     };
     log!("outbox_pg: publishing database \"{name}\"");
     run(&mut publishing);
+    publishing.land();
     log!("outbox_pg: worker for database \"{name}\" stopped");
     // Everything sent has been recorded; the process exits now. Destroying the producer could
     // wait for its broker connections, and exit frees it all.
@@ -72,19 +74,23 @@ fn run(publishing: &mut Publishing) {
         process::exit_if_postmaster_died();
         process::serve_interrupts();
         process::reload_if_requested();
-        if !publishing.kafka().refresh() {
+        // New producer settings are taken between flights (a flight withdraws its messages
+        // itself when they change).
+        if !publishing.in_flight() && !publishing.kafka().refresh() {
             // Misconfigured (set by refresh) stays the state shown until the settings work.
             publishing.kafka().idle(poll_interval());
             continue;
         }
-        // A wake-up that arrived during the round announced work it may not have seen; the
-        // latch it set may have been consumed by a wait inside the round (ours, awaiting the
-        // broker, or Postgres's: a lock, synchronous replication). Go again instead of sleeping.
+        // During the round commits only count their wake-ups (no signal to a busy worker); a
+        // wake-up counted since the last claim announced work it may not have seen, and a latch
+        // set meanwhile may have been consumed by a wait inside the round (ours, or Postgres's:
+        // a lock, synchronous replication). Either way: go again instead of sleeping.
         process::take_latch_wakeup();
-        let wakeups = publishing.wakeups();
+        publishing.listen(false);
         let end = publishing.round();
         let more_history = !process::stop_requested() && publishing.expire();
-        let woken_meanwhile = process::take_latch_wakeup() || publishing.wakeups() != wakeups;
+        publishing.listen(true);
+        let woken_meanwhile = process::take_latch_wakeup() || publishing.unseen_wakeups();
         if end != RoundEnd::More && !more_history && !woken_meanwhile {
             publishing.idle(poll_interval());
         }
@@ -145,15 +151,16 @@ fn wait_until_ready(
                             || {
                                 let queue = Queue::prepare();
                                 let position = queue.position();
-                                (queue, position)
+                                (queue, Retention::prepare(), position)
                             },
                         );
                         match prepared {
-                            Some((queue, position)) => {
+                            Some((queue, retention, position)) => {
                                 return Some(Publishing::new(
                                     slot,
                                     database.to_string(),
                                     queue,
+                                    retention,
                                     kafka.take().expect("made above"),
                                     position,
                                     connected_read_only,

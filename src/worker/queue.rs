@@ -10,7 +10,7 @@
 //!
 //! Nothing here knows about Kafka: it hands out [`Shipment`]s and records what became of them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use outbox_pg_core::event::{Event, Seq, Timestamp};
@@ -114,11 +114,15 @@ pub struct Claim {
     pub group: Vec<Shipment>,
     /// New events of a topic and key that has parked events: they wait behind those, unsent.
     pub held: Vec<uuid::Uuid>,
+    /// The topics and keys of `held`.
+    pub held_keys: HashSet<(String, String)>,
     pub unreadable: Vec<Unreadable>,
     /// The position once this claim is recorded (None: unchanged).
     pub next: Option<Position>,
     /// More work is known to be waiting.
     pub more: bool,
+    /// outbox.parked held a retry that was due at the claim.
+    pub retry_due: bool,
 }
 
 /// An event's fate, as the worker records it.
@@ -152,10 +156,11 @@ pub struct Queue {
     position: Plan,
     current_snapshot: Plan,
     window_range: Plan,
-    range_candidates: Plan,
-    late_candidates: Plan,
+    range_events: Plan,
+    late_events: Plan,
     events_at: Plan,
     anything_parked: Plan,
+    retry_due: Plan,
     parked_topics: Plan,
     held_back: Plan,
     due_heads: Plan,
@@ -164,8 +169,6 @@ pub struct Queue {
     park: Plan,
     unpark: Plan,
     advance_keys: Plan,
-    expire_events: Plan,
-    expire_batches: Plan,
     subscribed: Plan,
 }
 
@@ -173,6 +176,20 @@ pub struct Queue {
 const EVENT_COLUMNS: &str = "e.ctid::text, e.id, e.seq, e.event_type, e.aggregate_id, \
      e.payload::text, e.headers::text, coalesce(e.topic, e.event_type), e.created_at, \
      coalesce(e.message_bytes, 0)";
+
+/// The columns [`event_at`] reads (2 to 10), of a window row `c` that carries `fits` and
+/// `bytes`: the text columns only for rows that fit the byte budget.
+const WINDOW_COLUMNS: &str = "c.id, c.seq, c.event_type, c.aggregate_id, \
+     CASE WHEN c.fits THEN c.payload::text END, CASE WHEN c.fits THEN c.headers::text END, \
+     coalesce(c.topic, c.event_type), c.created_at, c.bytes";
+
+/// A window row: its order key, its size, and the event (None when it lies beyond the byte
+/// budget of its part, so it was not read).
+struct WindowRow {
+    key: Key,
+    bytes: usize,
+    event: Option<Result<Event, String>>,
+}
 
 /// A candidate: where the row is, its order key and its size.
 #[derive(Debug, Clone)]
@@ -210,24 +227,39 @@ impl Queue {
             ),
             // The next of them in (seq, id) order: a walk of events_seq from where the last batch
             // stopped; the window test is a filter no index could serve (visible in the upper
-            // snapshot, not in the floor snapshot `below.xmax:below.xmax:`).
-            range_candidates: Plan::prepare(
-                "SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0) FROM outbox.events e
-                 WHERE (e.seq, e.id) > ($1, $2) AND e.seq <= $3
-                   AND pg_visible_in_snapshot(e.xid, $4) AND NOT pg_visible_in_snapshot(e.xid, $5)
-                 ORDER BY e.seq, e.id LIMIT $6",
-                &[INT8OID, UUIDOID, INT8OID, PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID],
+            // snapshot, not in the floor snapshot `below.xmax:below.xmax:`). Rows are read whole,
+            // but only those within the byte budget $7 (counted from the first, which always
+            // fits) are turned into text.
+            range_events: Plan::prepare(
+                &format!(
+                    "SELECT c.fits, {WINDOW_COLUMNS}
+                     FROM (SELECT e.*, coalesce(e.message_bytes, 0) AS bytes,
+                                  sum(coalesce(e.message_bytes, 0)) OVER w <= $7
+                                  OR row_number() OVER w = 1 AS fits
+                           FROM outbox.events e
+                           WHERE (e.seq, e.id) > ($1, $2) AND e.seq <= $3
+                             AND pg_visible_in_snapshot(e.xid, $4)
+                             AND NOT pg_visible_in_snapshot(e.xid, $5)
+                           WINDOW w AS (ORDER BY e.seq, e.id ROWS UNBOUNDED PRECEDING)
+                           ORDER BY e.seq, e.id LIMIT $6) c"
+                ),
+                &[INT8OID, UUIDOID, INT8OID, PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT8OID],
             ),
             // The next events of the transactions that were running at `below`: each one's
-            // (xid, seq) range from the cursor on, merged.
-            late_candidates: Plan::prepare(
-                "SELECT c.* FROM unnest($1::text[]::xid8[]) AS x(xid) CROSS JOIN LATERAL (
-                     SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0)
-                     FROM outbox.events e
-                     WHERE e.xid = x.xid AND e.seq >= $2 AND (e.seq, e.id) > ($2, $3)
-                     ORDER BY e.seq, e.id LIMIT $4) c
-                 ORDER BY 2, 3 LIMIT $4",
-                &[TEXTARRAYOID, INT8OID, UUIDOID, INT8OID],
+            // (xid, seq) range from the cursor on, merged; read whole like the range's.
+            late_events: Plan::prepare(
+                &format!(
+                    "SELECT c.fits, {WINDOW_COLUMNS}
+                     FROM (SELECT d.*, sum(d.bytes) OVER w <= $5 OR row_number() OVER w = 1 AS fits
+                           FROM (SELECT e.*, coalesce(e.message_bytes, 0) AS bytes
+                                 FROM unnest($1::text[]::xid8[]) AS x(xid) CROSS JOIN LATERAL (
+                                     SELECT e.* FROM outbox.events e
+                                     WHERE e.xid = x.xid AND e.seq >= $2 AND (e.seq, e.id) > ($2, $3)
+                                     ORDER BY e.seq, e.id LIMIT $4) e
+                                 ORDER BY e.seq, e.id LIMIT $4) d
+                           WINDOW w AS (ORDER BY d.seq, d.id ROWS UNBOUNDED PRECEDING)) c"
+                ),
+                &[TEXTARRAYOID, INT8OID, UUIDOID, INT8OID, INT8OID],
             ),
             events_at: Plan::prepare(
                 &format!(
@@ -238,6 +270,11 @@ impl Queue {
             anything_parked: Plan::prepare(
                 "SELECT EXISTS (SELECT 1 FROM outbox.parked WHERE state <> 'dead' OR $1)",
                 &[BOOLOID],
+            ),
+            retry_due: Plan::prepare(
+                "SELECT EXISTS (SELECT 1 FROM outbox.parked
+                                WHERE state = 'retrying' AND next_attempt_at <= clock_timestamp())",
+                &[],
             ),
             // The distinct topics of parked events: a loose index scan over parked_key, one
             // probe per topic however many events are parked.
@@ -334,35 +371,10 @@ impl Queue {
                  WHERE p.event_id = head.event_id AND head.state = 'waiting'",
                 &[UUIDARRAYOID, BOOLOID],
             ),
-            // Published events (of transactions visible in $3, not parked) emitted before the
-            // cutoff id, in id order from where the last pass stopped.
-            expire_events: Plan::prepare(
-                "WITH scanned AS (
-                     SELECT e.id, (e.xid IS NULL OR pg_visible_in_snapshot(e.xid, $3)) AS handled,
-                            EXISTS (SELECT 1 FROM outbox.parked p WHERE p.event_id = e.id) AS parked
-                     FROM outbox.events e
-                     WHERE e.id > $1 AND e.id < $2
-                     ORDER BY e.id LIMIT $4),
-                 expired AS (
-                     DELETE FROM outbox.events e USING scanned s
-                     WHERE e.id = s.id AND s.handled AND NOT s.parked RETURNING e.id)
-                 SELECT s.id, s.handled FROM scanned s ORDER BY s.id",
-                &[UUIDOID, UUIDOID, PG_SNAPSHOTOID, INT8OID],
-            ),
             subscribed: Plan::prepare(
                 "SELECT EXISTS (SELECT 1 FROM pg_subscription_rel r
                                 WHERE r.srrelid = 'outbox.events'::regclass)",
                 &[],
-            ),
-            expire_batches: Plan::prepare(
-                "WITH newest AS (SELECT max(id) AS id FROM outbox.batches),
-                 scanned AS (
-                     SELECT b.id FROM outbox.batches b, newest n
-                     WHERE b.id > $1 AND b.id < n.id
-                       AND b.recorded_at < clock_timestamp() - $2 * interval '1 second'
-                     ORDER BY b.id LIMIT $3)
-                 DELETE FROM outbox.batches b USING scanned s WHERE b.id = s.id RETURNING b.id",
-                &[INT8OID, INT8OID, INT8OID],
             ),
         }
         })
@@ -424,6 +436,8 @@ impl Queue {
                 .run(&[Arg::boolean(true)], true)
                 .boolean(0, 1)
                 .unwrap_or(false);
+            claim.retry_due =
+                anything_parked && self.retry_due.run(&[], true).boolean(0, 1).unwrap_or(false);
             let mut budget = Budget::new(limits);
             if anything_parked && limits.retries > 0 {
                 self.claim_parked(&mut claim, &mut budget, limits, dead_holds);
@@ -462,7 +476,7 @@ impl Queue {
             }
             // Never failed itself (released, or interrupted by a shutdown): it travels with the
             // events waiting behind it.
-            if !budget.admits(&head) {
+            if !budget.admits(head.bytes) {
                 claim.more = true;
                 break;
             }
@@ -476,7 +490,7 @@ impl Queue {
             let mut chain = vec![head];
             for i in 0..rows.len() {
                 match candidate(&rows, i, true) {
-                    Some(next) if budget.admits(&next) => chain.push(next),
+                    Some(next) if budget.admits(next.bytes) => chain.push(next),
                     Some(_) => {
                         claim.more = true;
                         break;
@@ -503,9 +517,10 @@ impl Queue {
             },
         };
         let want = budget.events_left() as i64;
+        let bytes = budget.bytes_left() as i64;
         let range = match window.range_last {
-            Some(last) if want > 0 && window.range_after.0 <= last => self.candidates(
-                &self.range_candidates,
+            Some(last) if want > 0 && window.range_after.0 <= last => self.window_rows(
+                &self.range_events,
                 vec![
                     Arg::int8(window.range_after.0),
                     Arg::uuid(window.range_after.1),
@@ -513,6 +528,7 @@ impl Queue {
                     Arg::snapshot(&window.upto.text()),
                     Arg::snapshot(&Snapshot::floor(position.below.xmax).text()),
                     Arg::int8(want),
+                    Arg::int8(bytes),
                 ],
             ),
             _ => Vec::new(),
@@ -521,22 +537,23 @@ impl Queue {
             Vec::new()
         } else {
             let xids: Vec<String> = window.late.iter().map(u64::to_string).collect();
-            self.candidates(
-                &self.late_candidates,
+            self.window_rows(
+                &self.late_events,
                 vec![
                     Arg::from_into(xids),
                     Arg::int8(window.late_after.0),
                     Arg::uuid(window.late_after.1),
                     Arg::int8(want),
+                    Arg::int8(bytes),
                 ],
             )
         };
         let (range_exhausted, late_exhausted) =
             (range.len() < want as usize, late.len() < want as usize);
 
-        // Merge the two parts in (seq, id) order, as far as the budget goes.
+        // Merge the two parts in (seq, id) order, as far as the budget goes. A row admitted by
+        // the merged budget fits its own part's budget too, so it was read.
         let (mut r, mut l) = (range.into_iter().peekable(), late.into_iter().peekable());
-        let mut taken = Vec::new();
         let mut next = window.clone();
         let mut cut = false;
         loop {
@@ -546,18 +563,25 @@ impl Queue {
                 (None, Some(_)) => true,
                 (Some(a), Some(b)) => b.key < a.key,
             };
-            let peeked = if from_late { l.peek() } else { r.peek() };
-            if !budget.admits(peeked.expect("checked above")) {
+            let peeked = if from_late { l.peek() } else { r.peek() }.expect("checked above");
+            if peeked.event.is_none() || !budget.admits(peeked.bytes) {
                 cut = true;
                 break;
             }
-            let candidate = if from_late { l.next() } else { r.next() }.expect("checked above");
+            let row = if from_late { l.next() } else { r.next() }.expect("checked above");
             if from_late {
-                next.late_after = candidate.key;
+                next.late_after = row.key;
             } else {
-                next.range_after = candidate.key;
+                next.range_after = row.key;
             }
-            taken.push(candidate);
+            match row.event.expect("checked above") {
+                Ok(event) => claim.group.push(Shipment::new(event, false)),
+                Err(reason) => claim.unreadable.push(Unreadable {
+                    id: row.key.1,
+                    parked: false,
+                    reason,
+                }),
+            }
         }
         let range_done = !cut && range_exhausted && r.peek().is_none();
         let late_done = !cut && late_exhausted && l.peek().is_none();
@@ -573,8 +597,23 @@ impl Queue {
                 window: Some(next),
             }
         });
-        let events = self.read(taken, false, claim);
-        claim.group.extend(events);
+    }
+
+    /// The rows a window statement returned, read as events where they fit.
+    fn window_rows(&self, plan: &Plan, arguments: Vec<Arg>) -> Vec<WindowRow> {
+        let rows = plan.run(&arguments, true);
+        (0..rows.len())
+            .filter_map(|i| {
+                Some(WindowRow {
+                    key: (rows.int8(i, 3)?, rows.uuid(i, 2)?),
+                    bytes: rows.int4(i, 10).unwrap_or(0).max(0) as usize,
+                    event: rows
+                        .boolean(i, 1)
+                        .unwrap_or(false)
+                        .then(|| event_at(&rows, i, 0)),
+                })
+            })
+            .collect()
     }
 
     /// A new window over what committed since `below`; None if nothing did.
@@ -602,13 +641,6 @@ impl Queue {
             late,
             upto,
         })
-    }
-
-    fn candidates(&self, plan: &Plan, arguments: Vec<Arg>) -> Vec<Candidate> {
-        let rows = plan.run(&arguments, true);
-        (0..rows.len())
-            .filter_map(|i| candidate(&rows, i, false))
-            .collect()
     }
 
     /// The full rows of `candidates`, in the candidates' order. Rows that cannot be turned
@@ -676,6 +708,8 @@ impl Queue {
             Some(parked_itself) => {
                 if !parked_itself {
                     claim.held.push(c.event.id);
+                    let (topic, key) = c.event.order_key();
+                    claim.held_keys.insert((topic.to_string(), key.to_string()));
                 }
                 false
             }
@@ -716,7 +750,12 @@ impl Queue {
                         delay,
                         error,
                     } => parked.push(pg_id, "retrying", *attempts, Some(*delay), error.as_deref()),
-                    Record::Wait => parked.push(pg_id, "waiting", 0, None, None),
+                    // Whatever it waits behind may have gone since the claim (discarded,
+                    // published): its key gets a new head if so, or it would wait for good.
+                    Record::Wait => {
+                        parked.push(pg_id, "waiting", 0, None, None);
+                        touched.push(pg_id);
+                    }
                     Record::Dead { attempts, error } => {
                         parked.push(pg_id, "dead", *attempts, None, Some(error));
                         touched.push(pg_id);
@@ -769,49 +808,6 @@ impl Queue {
                 self.advance_keys
                     .run(&[Arg::from_into(touched), Arg::boolean(dead_holds)], false);
             }
-        })
-    }
-
-    /// Deletes up to `limit` published events emitted before `cutoff` (an id: UUIDv7 ids are
-    /// time-ordered), scanning from just after `after`; events of transactions not yet handled
-    /// (`below`) and parked ones are kept. Returns the ids scanned, each with whether it was
-    /// handled, in id order.
-    pub fn expire_events(
-        &self,
-        after: uuid::Uuid,
-        cutoff: uuid::Uuid,
-        below: &Snapshot,
-        limit: usize,
-    ) -> Vec<(uuid::Uuid, bool)> {
-        spi::connected(|| {
-            let rows = self.expire_events.run(
-                &[
-                    Arg::uuid(after),
-                    Arg::uuid(cutoff),
-                    Arg::snapshot(&below.text()),
-                    Arg::int8(limit as i64),
-                ],
-                false,
-            );
-            (0..rows.len())
-                .filter_map(|i| Some((rows.uuid(i, 1)?, rows.boolean(i, 2)?)))
-                .collect()
-        })
-    }
-
-    /// Deletes up to `limit` receipt rows older than `retention` (never the newest, which is the
-    /// worker's position), after `after`. Returns the ids deleted.
-    pub fn expire_batches(&self, after: i64, retention: Duration, limit: usize) -> Vec<i64> {
-        spi::connected(|| {
-            let rows = self.expire_batches.run(
-                &[
-                    Arg::int8(after),
-                    Arg::int8(retention.as_secs() as i64),
-                    Arg::int8(limit as i64),
-                ],
-                false,
-            );
-            (0..rows.len()).filter_map(|i| rows.int8(i, 1)).collect()
         })
     }
 }
@@ -875,13 +871,18 @@ impl Budget {
         self.events
     }
 
-    /// Takes `candidate` if it fits (an event larger than the byte budget goes alone).
-    fn admits(&mut self, candidate: &Candidate) -> bool {
-        if self.events == 0 || (!self.empty && candidate.bytes > self.bytes) {
+    /// The bytes events may still bring (the first one goes whatever its size).
+    fn bytes_left(&self) -> usize {
+        self.bytes
+    }
+
+    /// Takes an event of `bytes` if it fits (an event larger than the byte budget goes alone).
+    fn admits(&mut self, bytes: usize) -> bool {
+        if self.events == 0 || (!self.empty && bytes > self.bytes) {
             return false;
         }
         self.events -= 1;
-        self.bytes = self.bytes.saturating_sub(candidate.bytes);
+        self.bytes = self.bytes.saturating_sub(bytes);
         self.empty = false;
         true
     }

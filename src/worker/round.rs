@@ -11,13 +11,16 @@
 //! 4. record, in one transaction: a receipt row with the new position, parked rows for what
 //!    failed or waits.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
-use outbox_pg_core::ordering::{Breach, Disposition, Shipment};
+use outbox_pg_core::event::Outcome;
+use outbox_pg_core::ordering::{settle, Breach, Disposition, Shipment};
+use pgrx::pg_sys::XLogRecPtr;
 use pgrx::prelude::*;
 
-use super::kafka::{Kafka, Shipping};
-use super::queue::{Claim, Limits, Position, Queue, Record};
+use super::kafka::{Flight, Kafka, Shipping};
+use super::queue::{Claim, Limits, Position, Queue, Record, Unreadable};
 use super::retention::Retention;
 use crate::shmem::{WorkerSlot, WorkerState};
 use crate::{durability, guc, process};
@@ -48,6 +51,43 @@ pub enum RoundEnd {
     Locked,
 }
 
+/// A claimed batch of new events in flight, apart from its shipments: what else its claim
+/// found, and where the worker stands once it is recorded.
+struct Sent {
+    /// Its shipments in the flight's list (set once a batch flies behind it).
+    count: usize,
+    held: Vec<uuid::Uuid>,
+    held_keys: HashSet<(String, String)>,
+    unreadable: Vec<Unreadable>,
+    next: Option<Position>,
+    more: bool,
+}
+
+impl Sent {
+    fn of(claim: Claim) -> Sent {
+        Sent {
+            count: 0,
+            held: claim.held,
+            held_keys: claim.held_keys,
+            unreadable: claim.unreadable,
+            next: claim.next,
+            more: claim.more,
+        }
+    }
+}
+
+/// Batches handed to the producer and not yet recorded: the head batch's shipments, then (sent
+/// while the head was in flight) the next batch's.
+struct InFlight {
+    shipments: Vec<Shipment>,
+    flight: Flight,
+    head: Sent,
+    next: Option<Sent>,
+    /// A claim behind the head was refused (paused, read-only, locked): none is tried again
+    /// while this head flies.
+    blocked: bool,
+}
+
 /// What the worker publishes with: a ready queue, a producer, and where it stands.
 pub struct Publishing {
     slot: &'static WorkerSlot,
@@ -68,6 +108,14 @@ pub struct Publishing {
     connected_read_only: Option<String>,
     /// That default changed since: the worker ends so that a fresh session applies it.
     wants_fresh_session: bool,
+    /// Sent and not yet recorded, carried into the next round.
+    in_flight: Option<InFlight>,
+    /// The worker is about to exit: nothing more is sent.
+    landing: bool,
+    /// The last claim found a retry due in outbox.parked.
+    retry_due: std::cell::Cell<bool>,
+    /// The slot's wake-up count when the last claim started.
+    seen_wakeups: std::cell::Cell<u64>,
 }
 
 impl Publishing {
@@ -76,6 +124,7 @@ impl Publishing {
         slot: &'static WorkerSlot,
         database: String,
         queue: Queue,
+        retention: Retention,
         kafka: Kafka,
         position: Option<Position>,
         connected_read_only: Option<String>,
@@ -99,7 +148,7 @@ impl Publishing {
             queue,
             kafka,
             position,
-            retention: Retention::new(),
+            retention,
             read_only_since: None,
             read_only_logged: None,
             lock_logged: None,
@@ -108,6 +157,10 @@ impl Publishing {
             subscribed: None,
             connected_read_only,
             wants_fresh_session: false,
+            in_flight: None,
+            landing: false,
+            retry_due: std::cell::Cell::new(false),
+            seen_wakeups: std::cell::Cell::new(slot.wakeups()),
         }
     }
 
@@ -117,17 +170,28 @@ impl Publishing {
         self.wants_fresh_session
     }
 
-    /// The slot's count of wake-ups asked for (commits, outbox.wake()).
-    pub fn wakeups(&self) -> u64 {
-        self.slot.wakeups()
+    /// Wake-ups asked for (commits, outbox.wake()) since the last claim started: work it may
+    /// not have seen.
+    pub fn unseen_wakeups(&self) -> bool {
+        self.slot.wakeups() != self.seen_wakeups.get()
+    }
+
+    /// Whether commits set the worker's latch (see [`WorkerSlot::listen`]).
+    pub fn listen(&self, on: bool) {
+        self.slot.listen(on);
     }
 
     pub fn kafka(&mut self) -> &mut Kafka {
         &mut self.kafka
     }
 
-    /// One round: claim → make durable → ship → record.
+    /// One round: claim → make durable → ship → record. A batch of new events is recorded
+    /// as soon as the broker has it, and while it is in flight the next batch may be claimed
+    /// and sent behind it ([`Publishing::fly`]); that one then heads the next round.
     pub fn round(&mut self) -> RoundEnd {
+        if let Some(air) = self.in_flight.take() {
+            return self.fly(air);
+        }
         let serve_parked = !self.busy || self.retries_served_at.elapsed() >= RETRY_PASS_INTERVAL;
         if serve_parked {
             self.retries_served_at = std::time::Instant::now();
@@ -138,21 +202,9 @@ impl Publishing {
             retries: if serve_parked { RETRIES_PER_ROUND } else { 0 },
         };
         let dead_holds = guc::dead_events_hold();
-        let claimed = process::in_transaction_unless_locked("outbox_pg: claiming events", || {
-            if self.queue.paused() {
-                return Err(RoundEnd::Paused);
-            }
-            if process::transaction_is_read_only() {
-                return Err(RoundEnd::ReadOnly);
-            }
-            let claim = self.queue.claim(&self.position, limits, dead_holds);
-            // Every commit the claim saw is in the WAL before this point.
-            Ok((claim, durability::inserted_wal_end()))
-        });
-        let (mut claim, visible_up_to) = match claimed {
-            Some(Ok(claimed)) => claimed,
-            Some(Err(end)) => return self.blocked(end),
-            None => return self.blocked(RoundEnd::Locked),
+        let (mut claim, visible_up_to) = match self.claim(&self.position.clone(), limits) {
+            Ok(claimed) => claimed,
+            Err(end) => return self.blocked(end),
         };
         self.read_only_since = None;
         self.busy =
@@ -183,23 +235,229 @@ impl Publishing {
         if !self.kafka.broker_unreachable() {
             self.slot.set_state(WorkerState::Publishing);
         }
+        // New events fly (recorded once the broker has them, the next batch sent behind them
+        // meanwhile), after the round's retries, which are sent and recorded first. Parked
+        // events released into the group go one round at a time, with it.
+        if !claim.group.is_empty() && !claim.group.iter().any(|s| s.parked) {
+            let records = self.ship_singles(&mut claim);
+            if !records.is_empty() && !self.record(&self.position.clone(), false, &records) {
+                return RoundEnd::Idle;
+            }
+            let how = Shipping::current(&self.database);
+            let mut air = InFlight {
+                shipments: std::mem::take(&mut claim.group),
+                flight: self.kafka.flight(),
+                head: Sent::of(claim),
+                next: None,
+                blocked: false,
+            };
+            self.kafka
+                .send(&mut air.shipments, 0, &mut air.flight, &how);
+            return self.fly(air);
+        }
         let records = self.ship(&mut claim);
         let next = claim.next.clone().unwrap_or_else(|| self.position.clone());
-        let published = records
-            .iter()
-            .filter(|(_, _, r)| matches!(r, Record::Published { .. }))
-            .count();
-        // What was sent must be recorded: lock waits and a freeze that began meanwhile are
-        // waited out (serving signals); a stop waits for the record (interrupts held), but for
-        // one lock wait at most.
+        if !self.record(&next, claim.next.is_some(), &records) {
+            return RoundEnd::Idle;
+        }
+        self.idle_or_more(claim.more || !claim.singles.is_empty())
+    }
+
+    /// Claims from `from` within `limits`, in the claim transaction: the claim, and the WAL
+    /// position every commit it saw ends before. Paused, read-only or locked: nothing.
+    fn claim(&self, from: &Position, limits: Limits) -> Result<(Claim, XLogRecPtr), RoundEnd> {
+        let dead_holds = guc::dead_events_hold();
+        // Read before the claim's snapshot: every wake-up counted so far is for a commit the
+        // claim sees.
+        self.seen_wakeups.set(self.slot.wakeups());
+        let claimed = process::in_transaction_unless_locked("outbox_pg: claiming events", || {
+            if self.queue.paused() {
+                return Err(RoundEnd::Paused);
+            }
+            if process::transaction_is_read_only() {
+                return Err(RoundEnd::ReadOnly);
+            }
+            let claim = self.queue.claim(from, limits, dead_holds);
+            // Every commit the claim saw is in the WAL before this point.
+            Ok((claim, durability::inserted_wal_end()))
+        });
+        match claimed {
+            Some(Ok(claimed)) => {
+                self.retry_due.set(claimed.0.retry_due);
+                Ok(claimed)
+            }
+            Some(Err(end)) => Err(end),
+            None => Err(RoundEnd::Locked),
+        }
+    }
+
+    /// Waits until the head batch of `air` has every outcome, claiming and sending the next
+    /// batch behind it when commits come meanwhile; then records the head. If any of the
+    /// head's events was not published, both batches are settled together, sent again as
+    /// needed and recorded as one, exactly as one batch of their events would be.
+    ///
+    /// Order holds across the two: the next batch's events come after the head's in emission
+    /// order per (topic, key), are handed to the producer after them (which keeps a
+    /// partition's order, and with the gapless guarantee stores nothing after a refused
+    /// message), and nothing is sent behind a head that has had a refusal.
+    fn fly(&mut self, mut air: InFlight) -> RoundEnd {
+        let how = Shipping::current(&self.database);
+        while !air.flight.head_done() {
+            // A backlog: claim the next batch while this one flies. What commits meanwhile is
+            // claimed when the head lands, in one claim rather than one per commit (measured:
+            // claiming at each commit cost more CPU than it saved latency; the producer sends
+            // one request at a time anyway).
+            if air.head.more && self.may_extend(&air) {
+                air.head.more = false;
+                self.extend(&mut air, &how);
+                continue;
+            }
+            self.kafka.step(&mut air.shipments, &mut air.flight, &how);
+        }
+        // Before the head is recorded, what committed meanwhile takes off behind it.
+        if self.unseen_wakeups() && self.may_extend(&air) {
+            self.extend(&mut air, &how);
+        }
+        let head = air
+            .next
+            .as_ref()
+            .map_or(air.shipments.len(), |_| air.head.count);
+        let breaches = settle(&mut air.shipments[..head]);
+        let clean = breaches.is_empty()
+            && air.shipments[..head]
+                .iter()
+                .all(|s| matches!(s.disposition, Disposition::Published { .. }));
+        if clean {
+            let records = self.records_of(&air.shipments[..head], &air.head);
+            let next = air
+                .head
+                .next
+                .clone()
+                .unwrap_or_else(|| self.position.clone());
+            if !self.record(&next, air.head.next.is_some(), &records) {
+                // Stopping: what flies behind is sent again by the next worker.
+                return RoundEnd::Idle;
+            }
+            return match air.next.take() {
+                Some(behind) => {
+                    air.shipments.drain(..head);
+                    air.flight.advance();
+                    air.head = behind;
+                    air.blocked = false;
+                    self.in_flight = Some(air);
+                    RoundEnd::More
+                }
+                None => self.idle_or_more(air.head.more),
+            };
+        }
+        // Something of the head was not published: let the rest land, then settle and send
+        // again both batches as one.
+        let breaches = self.kafka.finish(&mut air.shipments, air.flight, &how);
+        self.note(&breaches, &air.shipments);
+        let last = air.next.take();
+        let mut records = self.records_of(&air.shipments, &air.head);
+        if let Some(behind) = &last {
+            records.extend(self.records_of(&[], behind));
+        }
+        let moved = last.as_ref().map_or(&air.head, |b| b).next.clone();
+        let next = moved.clone().or(air.head.next.clone());
+        let next = next.unwrap_or_else(|| self.position.clone());
+        if !self.record(&next, moved.is_some() || air.head.next.is_some(), &records) {
+            return RoundEnd::Idle;
+        }
+        self.idle_or_more(air.head.more || last.is_some_and(|b| b.more))
+    }
+
+    /// True if a batch may be sent behind the head of `air` now: none is yet, the worker is
+    /// not stopping, no retry pass is due, and the head has had no refusal.
+    fn may_extend(&self, air: &InFlight) -> bool {
+        let retries_due =
+            self.retry_due.get() && self.retries_served_at.elapsed() >= RETRY_PASS_INTERVAL;
+        air.next.is_none()
+            && !air.blocked
+            && !self.landing
+            && !retries_due
+            && !process::stop_requested()
+            && self.kafka.takes_more()
+            && air
+                .shipments
+                .iter()
+                .all(|s| s.outcome.as_ref().is_none_or(Outcome::is_published))
+    }
+
+    /// Claims the events committed since the head's claim and sends them behind it (nothing
+    /// when there are none, or the claim is blocked: the next round sees to it).
+    fn extend(&mut self, air: &mut InFlight, how: &Shipping) {
+        let Some(from) = air.head.next.clone() else {
+            return;
+        };
+        let limits = Limits {
+            events: guc::BATCH_SIZE.get().max(1) as usize,
+            bytes: guc::BATCH_BYTES.get().max(1) as usize,
+            retries: 0,
+        };
+        let (seen, more) = (self.seen_wakeups.get(), air.head.more);
+        let Ok((mut claim, visible_up_to)) = self.claim(&from, limits) else {
+            // Nothing claimed: what was waiting is still to do once the head lands.
+            self.seen_wakeups.set(seen);
+            air.head.more = more;
+            air.blocked = true;
+            return;
+        };
+        if claim.group.is_empty() && claim.held.is_empty() && claim.unreadable.is_empty() {
+            // Nothing behind the head: the position the claim reached (a window closed) is
+            // where the head's record leaves the worker.
+            if claim.next.is_some() {
+                air.head.next = claim.next;
+            }
+            air.head.more = claim.more;
+            return;
+        }
+        durability::wait_until_durable(visible_up_to);
+        if process::stop_requested() {
+            return; // not sent: claimed again
+        }
+        // The head's held events are not parked yet: the next batch's events of their topics
+        // and keys wait behind them too.
+        if !air.head.held_keys.is_empty() {
+            let held_keys = &air.head.held_keys;
+            claim.group.retain(|s| {
+                let (topic, key) = s.event.order_key();
+                let behind = held_keys.contains(&(topic.to_string(), key.to_string()));
+                if behind {
+                    claim.held.push(s.event.id);
+                    claim.held_keys.insert((topic.to_string(), key.to_string()));
+                }
+                !behind
+            });
+        }
+        let at = air.shipments.len();
+        air.flight.close_head(at);
+        air.head.count = at;
+        air.shipments.append(&mut claim.group);
+        air.next = Some(Sent::of(claim));
+        self.kafka
+            .send(&mut air.shipments, at, &mut air.flight, how);
+    }
+
+    /// Records `records` and moves the position to `next`: lock waits and a freeze that began
+    /// meanwhile are waited out (serving signals); a stop waits for the record (interrupts
+    /// held), but for one lock wait at most. False if the worker stops before it could record
+    /// (what was sent is sent again by the next worker).
+    fn record(
+        &mut self,
+        next: &Position,
+        position_moved: bool,
+        records: &[(uuid::Uuid, bool, Record)],
+    ) -> bool {
+        let dead_holds = guc::dead_events_hold();
         loop {
             let record = || {
                 process::in_transaction_unless_locked("outbox_pg: recording outcomes", || {
                     if process::transaction_is_read_only() {
                         return Err(RoundEnd::ReadOnly);
                     }
-                    self.queue
-                        .record(&next, claim.next.is_some(), &records, dead_holds);
+                    self.queue.record(next, position_moved, records, dead_holds);
                     Ok(())
                 })
             };
@@ -218,16 +476,34 @@ impl Publishing {
                     "outbox_pg: stopping before the outcomes of {} sent events could be recorded; they will be sent again",
                     records.len()
                 );
-                return RoundEnd::Idle;
+                return false;
             }
             process::wait(Duration::from_millis(100), None);
         }
         self.read_only_since = None;
-        self.position = next;
+        self.position = next.clone();
+        let published = records
+            .iter()
+            .filter(|(_, _, r)| matches!(r, Record::Published { .. }))
+            .count();
         if published > 0 {
             self.slot.count_published(published as u64);
         }
-        self.idle_or_more(claim.more || !claim.singles.is_empty())
+        true
+    }
+
+    /// True while a batch is in flight (sent, not recorded).
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Before the worker exits: waits for what is in flight and records it (a stop withdraws
+    /// it after STOP_GRACE), sending nothing more.
+    pub fn land(&mut self) {
+        self.landing = true;
+        while self.in_flight.is_some() {
+            self.round();
+        }
     }
 
     fn idle_or_more(&self, more: bool) -> RoundEnd {
@@ -242,19 +518,8 @@ impl Publishing {
     fn ship(&mut self, claim: &mut Claim) -> Vec<(uuid::Uuid, bool, Record)> {
         let how = Shipping::current(&self.database);
         let policy = RetryPolicy::current();
-        let mut records = Vec::new();
-        // Retries one at a time: a poison event must fail alone, not with its neighbours.
+        let mut records = self.ship_singles(claim);
         let retrying = Shipping::for_retries(&self.database);
-        if !claim.singles.is_empty() {
-            let topics = claim.singles.iter().map(|s| s.event.topic.as_str());
-            self.kafka.check_topics(topics.collect(), &retrying);
-        }
-        for single in &mut claim.singles {
-            let single = std::slice::from_mut(single);
-            let breaches = self.kafka.ship(single, &retrying);
-            self.note(&breaches, single);
-            records.push(record_of(&single[0], &policy, self.slot));
-        }
         if !claim.group.is_empty() {
             // Parked events released into the group (revived, or behind a published one) are
             // retries too.
@@ -272,8 +537,51 @@ impl Publishing {
                     .map(|shipment| record_of(shipment, &policy, self.slot)),
             );
         }
-        records.extend(claim.held.iter().map(|id| (*id, false, Record::Wait)));
-        for unreadable in &claim.unreadable {
+        records.extend(self.unsent_records(&claim.held, &claim.unreadable));
+        records
+    }
+
+    /// Sends the claim's failed events due for a retry, one at a time (a poison event must fail
+    /// alone, not with its neighbours), and turns their outcomes into what is recorded.
+    fn ship_singles(&mut self, claim: &mut Claim) -> Vec<(uuid::Uuid, bool, Record)> {
+        if claim.singles.is_empty() {
+            return Vec::new();
+        }
+        let policy = RetryPolicy::current();
+        let retrying = Shipping::for_retries(&self.database);
+        let topics = claim.singles.iter().map(|s| s.event.topic.as_str());
+        self.kafka.check_topics(topics.collect(), &retrying);
+        let mut records = Vec::new();
+        for single in &mut claim.singles {
+            let single = std::slice::from_mut(single);
+            let breaches = self.kafka.ship(single, &retrying);
+            self.note(&breaches, single);
+            records.push(record_of(&single[0], &policy, self.slot));
+        }
+        records
+    }
+
+    /// What to record for a flown batch's shipments (`shipments`, settled) and for the rest of
+    /// its claim.
+    fn records_of(&self, shipments: &[Shipment], sent: &Sent) -> Vec<(uuid::Uuid, bool, Record)> {
+        let policy = RetryPolicy::current();
+        let mut records: Vec<_> = shipments
+            .iter()
+            .map(|shipment| record_of(shipment, &policy, self.slot))
+            .collect();
+        records.extend(self.unsent_records(&sent.held, &sent.unreadable));
+        records
+    }
+
+    /// Records for a claim's events that were not sent: new events held behind a parked one
+    /// of their topic and key wait; rows that cannot become messages are dead.
+    fn unsent_records(
+        &self,
+        held: &[uuid::Uuid],
+        unreadable: &[Unreadable],
+    ) -> Vec<(uuid::Uuid, bool, Record)> {
+        let mut records: Vec<_> = held.iter().map(|id| (*id, false, Record::Wait)).collect();
+        for unreadable in unreadable {
             warning!(
                 "outbox_pg: event {} cannot be published and is dead: {}",
                 unreadable.id,
@@ -358,7 +666,7 @@ impl Publishing {
     /// catalog now and then (see [`Self::look_at_catalog`]).
     pub fn expire(&mut self) -> bool {
         self.look_at_catalog();
-        self.retention.run(&self.queue, &self.position.below)
+        self.retention.run()
     }
 
     /// Says, once, when outbox.events arrives by logical replication, and notices a read-only

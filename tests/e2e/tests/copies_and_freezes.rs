@@ -257,8 +257,8 @@ fn a_read_only_freeze_pauses_publishing_and_sends_at_most_one_batch_twice() {
         received.len()
     );
     assert!(
-        duplicates <= 100,
-        "{duplicates} duplicates; at most one batch of 100"
+        duplicates <= 200,
+        "{duplicates} duplicates; at most the batches in flight (two of 100)"
     );
 
     // The same freeze set and lifted by ALTER DATABASE and by ALTER ROLE ALL (the least specific

@@ -15,8 +15,11 @@ use outbox_pg_harness::*;
 use rdkafka::types::RDKafkaRespErr;
 
 const DRAIN: Duration = Duration::from_secs(180);
-/// outbox.batch_size in every scenario: what one resend after a fault can repeat at most.
+/// outbox.batch_size in every scenario.
 const BATCH: usize = 1000;
+/// What one resend after a fault can repeat at most: the batches in flight, a batch and the
+/// one sent behind it while it flew.
+const IN_FLIGHT: usize = 2 * BATCH;
 
 fn spec(topic: &str, sessions: usize, events_per_session: usize) -> StreamSpec {
     StreamSpec {
@@ -139,8 +142,8 @@ fn kill_9_of_the_worker_ten_times_and_of_a_client_backend() {
     report(
         &audit,
         "kill -9 worker ×10, client backend ×1",
-        restarts * BATCH,
-        "11 crash restarts during a 50,000-event stream; each may resend the batch in flight",
+        restarts * IN_FLIGHT,
+        "11 crash restarts during a 50,000-event stream; each may resend the batches in flight",
     );
 }
 
@@ -167,7 +170,7 @@ fn immediate_shutdown_mid_stream_then_restart() {
     report(
         &audit,
         "immediate shutdown + restart",
-        BATCH,
+        IN_FLIGHT,
         "pg_ctl stop -m immediate after 8,000 events; crash recovery",
     );
 }
@@ -201,7 +204,7 @@ fn asynchronous_commit_and_an_immediate_stop_mid_stream() {
     report(
         &audit,
         "asynchronous commit, immediate shutdown + restart",
-        BATCH,
+        IN_FLIGHT,
         &format!("synchronous_commit = off; the crash took back {taken_back} acknowledged events, none of them published"),
     );
 }
@@ -253,7 +256,7 @@ fn failover_to_a_synchronous_standby_mid_stream() {
     report(
         &audit,
         "failover to a synchronous standby (commits with synchronous_commit = local)",
-        BATCH,
+        IN_FLIGHT,
         &format!("walreceiver frozen for 2,000 events, primary stopped immediately, standby promoted; {never_received} acknowledged events it never received, none of them published"),
     );
 }
@@ -319,7 +322,7 @@ fn tansu_broker_stopped_for_30_seconds_mid_stream() {
     report(
         &audit,
         "Tansu stopped 30 s mid-stream",
-        (replaced + 1) * BATCH,
+        (replaced + 1) * IN_FLIGHT,
         &format!("worker stayed up, 0 failed attempts; the producer was replaced {replaced} time(s) (the restarted broker had lost its producer ids)"),
     );
 }
@@ -383,7 +386,7 @@ fn mock_broker_down_and_round_trips_beyond_the_timeouts() {
     report(
         &audit,
         "mock broker down 10 s, then 3 s round trips (timeouts 1 s) for 10 s",
-        (replaced + 1) * BATCH,
+        (replaced + 1) * IN_FLIGHT,
         &format!(
             "idempotent producer retries; worker stayed up; producer replaced {replaced} time(s)"
         ),
@@ -624,7 +627,7 @@ fn config_faults_are_logged_and_recovered_without_restarts() {
     report(
         &audit,
         "config faults: bad brokers, unknown property, unreachable broker",
-        rebuilt * BATCH,
+        rebuilt * IN_FLIGHT,
         &format!("refused/logged; recovered on the next good reload; worker never restarted; producer rebuilt {rebuilt} times"),
     );
 }
@@ -663,7 +666,7 @@ fn broker_side_errors_are_retried_without_loss() {
     report(
         &audit,
         "produce errors injected (mock)",
-        timeouts * BATCH,
+        timeouts * IN_FLIGHT,
         &format!("{injected} errors hit (not leader, invalid record, timeout); a timed-out request may have been stored, so it may be resent"),
     );
 }
@@ -734,7 +737,7 @@ fn permanent_failures_inside_batches_of_a_hot_aggregate() {
     report(
         &audit,
         "permanent produce errors inside batches of a hot aggregate (mock)",
-        replaced * BATCH,
+        replaced * IN_FLIGHT,
         &format!("{injected} errors hit (invalid record, record list too large, message too large); {parked} events parked, {} died, none of them on the broker; producer replaced {replaced} times", dead.len()),
     );
 }

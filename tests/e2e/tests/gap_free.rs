@@ -213,7 +213,7 @@ fn retried_dead_and_revived_events_are_found() {
 
 /// A backlog drained while the worker is terminated three times and a REPEATABLE READ snapshot
 /// stays open throughout (pinning every row): everything is found, once per restart at most
-/// a batch twice.
+/// the batches in flight twice.
 #[test]
 fn worker_restarts_under_an_old_snapshot_lose_nothing() {
     let mock = mock_cluster(&[("t", 3)]);
@@ -246,6 +246,7 @@ fn worker_restarts_under_an_old_snapshot_lose_nothing() {
         Duration::from_secs(120)
     ));
     let duplicates = assert_broker_has_the_table(&cluster, &mock.bootstrap_servers(), &["t"]);
-    assert!(duplicates <= 3 * 500, "{duplicates} duplicates");
+    // Each restart may send again the batches in flight: two of 500.
+    assert!(duplicates <= 3 * 2 * 500, "{duplicates} duplicates");
     old.batch_execute("COMMIT").unwrap();
 }

@@ -371,6 +371,110 @@ fn retention_deletes_old_published_events_only() {
     );
 }
 
+/// Retention follows the receipts: an event published late (after failures) goes `retention`
+/// after it was published, a receipt larger than one chunk goes whole, rows that arrived by
+/// logical replication (never published here) go once old, dead events stay, and a discarded
+/// event goes at once. All under a snapshot held open throughout, which keeps every deleted row
+/// alive for it.
+#[test]
+fn retention_follows_receipts_keeps_dead_events_and_expires_replicated_rows() {
+    let tansu = Tansu::start();
+    tansu.create_topic("t", 3);
+    let cluster = PgCluster::with_outbox(
+        &tansu.bootstrap(),
+        &[
+            ("outbox.retention", "-1"),
+            ("outbox.max_attempts", "1"),
+            ("outbox.retry_backoff", "100ms"),
+            ("outbox.retry_backoff_max", "200ms"),
+        ],
+    );
+    let mut old = cluster.connect();
+    old.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM outbox.events")
+        .unwrap();
+    let mut db = cluster.connect();
+
+    // Two events die (their topic does not exist); one is discarded: its row goes at once.
+    db.batch_execute(
+        "SELECT outbox.emit('dead', 'kept', '{}', topic => 'never');
+         SELECT outbox.emit('dead', 'discarded', '{}', topic => 'never')",
+    )
+    .unwrap();
+    assert!(wait_until(PUBLISH_TIMEOUT, || count_dead(&mut db, "true") == 2));
+    db.batch_execute(
+        "SELECT outbox.discard(id) FROM outbox.dead_letters WHERE aggregate_id = 'discarded'",
+    )
+    .unwrap();
+    assert_eq!(count_events(&mut db, "aggregate_id = 'discarded'"), 0);
+
+    // One event fails until its topic exists, then is published, long after the events beside it.
+    cluster.set("outbox.max_attempts", "1000");
+    db.batch_execute(
+        "SELECT outbox.emit('late', 'late', '{}', topic => 'late');
+         SELECT outbox.emit('t', g, '{}') FROM generate_series(1, 600) g",
+    )
+    .unwrap();
+    assert!(wait_until(PUBLISH_TIMEOUT, || count_published(
+        &mut db,
+        "e.event_type = 't'"
+    ) == 600));
+    assert!(wait_until(PUBLISH_TIMEOUT, || count_parked(
+        &mut db,
+        "p.attempts >= 2"
+    ) == 1));
+    tansu.create_topic("late", 1);
+    assert!(wait_until(PUBLISH_TIMEOUT, || count_published(
+        &mut db,
+        "e.event_type = 'late'"
+    ) == 1));
+    assert!(
+        db.query_one(
+            "SELECT max(cardinality(event_ids)) FROM outbox.batches",
+            &[]
+        )
+        .unwrap()
+        .get::<_, Option<i32>>(0)
+        .unwrap_or(0)
+            > 256,
+        "a receipt lists more events than retention deletes in one chunk"
+    );
+
+    // A row that arrived by logical replication: not published here (no xid), emitted in 2023.
+    db.batch_execute(
+        "SET session_replication_role = replica;
+         INSERT INTO outbox.events (id, event_type, aggregate_id, payload)
+         VALUES ('0188e5e0-0000-7000-8000-000000000001', 'replicated', 'r', '{}');
+         RESET session_replication_role",
+    )
+    .unwrap();
+    assert_eq!(count_events(&mut db, "xid IS NULL"), 1);
+
+    cluster.set("outbox.retention", "2s");
+    assert!(
+        wait_until(Duration::from_secs(30), || count_events(&mut db, "true")
+            == 1),
+        "published and replicated rows expire: {:?}",
+        column::<String, Vec<_>>(
+            &mut db,
+            "SELECT event_type || '/' || aggregate_id FROM outbox.events"
+        )
+    );
+    assert_eq!(
+        count_dead(&mut db, "d.aggregate_id = 'kept'"),
+        1,
+        "the dead event stays"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || db
+            .query_one("SELECT count(*) FROM outbox.batches", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1),
+        "receipts go too, all but the newest (the worker's position)"
+    );
+    old.batch_execute("COMMIT").unwrap();
+}
+
 #[test]
 fn standby_publishes_only_after_promotion() {
     let tansu = Tansu::start();

@@ -123,7 +123,7 @@ pub fn receipts_mark(client: &mut postgres::Client) -> i64 {
 pub fn published_since(client: &mut postgres::Client, mark: i64) -> i64 {
     client
         .query_one(
-            "SELECT coalesce(sum(cardinality(event_ids)), 0)::bigint FROM outbox.batches WHERE id > $1",
+            "SELECT coalesce(sum(event_count), 0)::bigint FROM outbox.batches WHERE id > $1",
             &[&mark],
         )
         .unwrap()
