@@ -20,6 +20,12 @@ fn sibling(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Whether `name` is among the comma-separated prefixes of environment `variable` (all when it
+/// is unset): BENCH_BROKERS=mock, BENCH_SYSTEMS=outbox_pg narrow a run when investigating.
+pub fn wanted(variable: &str, name: &str) -> bool {
+    std::env::var(variable).map_or(true, |v| v.split(',').any(|w| name.starts_with(w.trim())))
+}
+
 /// The broker a scenario runs against.
 pub enum Broker {
     /// librdkafka's mock cluster in its own process: measures outbox_pg's own ceiling.
@@ -184,6 +190,45 @@ pub struct Summary {
     pub max: Duration,
     /// Some events were not received within the window: figures are lower bounds.
     pub censored: bool,
+    /// Where the time went, for received events whose message carries a timestamp: commit →
+    /// handed to the producer, and handed to the producer → received (p50, p99; the Kafka
+    /// timestamp has millisecond resolution).
+    pub split: Option<Split>,
+}
+
+/// p50 and p99 of the two parts of commit → receive.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Split {
+    pub to_producer: (Duration, Duration),
+    pub producer_to_consumer: (Duration, Duration),
+}
+
+impl Split {
+    fn of(mut to_producer: Vec<Duration>, mut after: Vec<Duration>) -> Option<Split> {
+        if to_producer.is_empty() {
+            return None;
+        }
+        let quantiles = |v: &mut Vec<Duration>| {
+            v.sort();
+            let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+            (at(0.50), at(0.99))
+        };
+        Some(Split {
+            to_producer: quantiles(&mut to_producer),
+            producer_to_consumer: quantiles(&mut after),
+        })
+    }
+
+    /// "commit → producer p50 / p99, producer → consumer p50 / p99".
+    pub fn cell(&self) -> String {
+        format!(
+            "{} / {} + {} / {}",
+            ms(self.to_producer.0),
+            ms(self.to_producer.1),
+            ms(self.producer_to_consumer.0),
+            ms(self.producer_to_consumer.1)
+        )
+    }
 }
 
 impl Summary {
@@ -208,6 +253,7 @@ impl Summary {
             p99: at(0.99),
             max: latencies.last().copied().unwrap_or_default(),
             censored: !censored_at.is_empty(),
+            split: None,
         }
     }
 
@@ -226,11 +272,25 @@ pub fn ms(d: Duration) -> String {
     }
 }
 
-/// Commit instants (by event id) and receive instants, filled by emitters and a consumer.
+/// Commit instants (by event id) and receive instants, filled by emitters and a consumer; and
+/// when each received message was handed to its producer (its Kafka timestamp).
 #[derive(Default)]
 pub struct Clock {
     pub committed: Mutex<HashMap<String, Instant>>,
     pub received: Mutex<HashMap<String, Instant>>,
+    pub produced: Mutex<HashMap<String, Instant>>,
+}
+
+/// The monotonic instant of a wall-clock time in milliseconds since the Unix epoch.
+fn instant_of_epoch_ms(ms: i64) -> Instant {
+    static ANCHOR: std::sync::OnceLock<(std::time::SystemTime, Instant)> =
+        std::sync::OnceLock::new();
+    let (wall, mono) = *ANCHOR.get_or_init(|| (std::time::SystemTime::now(), Instant::now()));
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    match at.duration_since(wall) {
+        Ok(after) => mono + after,
+        Err(before) => mono.checked_sub(before.duration()).unwrap_or(mono),
+    }
 }
 
 impl Clock {
@@ -253,19 +313,68 @@ impl Clock {
     pub fn summary(&self, from: Instant, to: Instant, end: Instant) -> Summary {
         let committed = self.committed.lock().unwrap();
         let received = self.received.lock().unwrap();
+        let produced = self.produced.lock().unwrap();
         let mut latencies = Vec::new();
         let mut censored = Vec::new();
+        let (mut to_producer, mut after) = (Vec::new(), Vec::new());
         let mut sent = 0;
         for (id, at) in committed.iter().filter(|(_, at)| **at >= from && **at < to) {
             sent += 1;
             match received.get(id) {
-                Some(r) => latencies.push(r.saturating_duration_since(*at)),
+                Some(r) => {
+                    latencies.push(r.saturating_duration_since(*at));
+                    if let Some(p) = produced.get(id) {
+                        to_producer.push(p.saturating_duration_since(*at));
+                        after.push(r.saturating_duration_since(*p));
+                    }
+                }
                 None => censored.push(end.saturating_duration_since(*at)),
             }
         }
-        Summary::of(latencies, sent, &censored)
+        drop((committed, received, produced));
+        if std::env::var_os("BENCH_DEBUG").is_some() {
+            self.print_slowest(from, to, 30);
+        }
+        Summary {
+            split: Split::of(to_producer, after),
+            ..Summary::of(latencies, sent, &censored)
+        }
+    }
+
+    /// BENCH_DEBUG: the `n` slowest events committed in `[from, to)`, in commit order, with when
+    /// they committed (ms after `from`) and how long they took to the producer and beyond.
+    fn print_slowest(&self, from: Instant, to: Instant, n: usize) {
+        let committed = self.committed.lock().unwrap();
+        let received = self.received.lock().unwrap();
+        let produced = self.produced.lock().unwrap();
+        let mut slow: Vec<(Instant, Duration, Option<Duration>)> = committed
+            .iter()
+            .filter(|(_, at)| **at >= from && **at < to)
+            .filter_map(|(id, at)| {
+                let r = received.get(id)?;
+                let p = produced.get(id).map(|p| p.saturating_duration_since(*at));
+                Some((*at, r.saturating_duration_since(*at), p))
+            })
+            .collect();
+        slow.sort_by_key(|(_, latency, _)| std::cmp::Reverse(*latency));
+        slow.truncate(n);
+        slow.sort_by_key(|(at, _, _)| *at);
+        for (at, latency, to_producer) in slow {
+            println!(
+                "  slow: committed at {:>8.1} ms, latency {}, to producer {}",
+                at.duration_since(from).as_secs_f64() * 1000.0,
+                ms(latency),
+                to_producer.map_or("?".into(), ms)
+            );
+        }
     }
 }
+
+/// How long the latency consumer's fetch waits at the broker for data. librdkafka's mock
+/// cluster answers a fetch that found nothing only when this wait is over, even if messages
+/// arrive meanwhile (a Kafka broker answers as soon as they do), so it adds up to this much to
+/// every measured latency: 1 ms, instead of the harness's 5.
+pub const LATENCY_FETCH_WAIT_MS: &str = "1";
 
 /// Reads `topic` in a thread, stamping the receive instant of each `outbox-id`.
 pub fn start_consumer(
@@ -274,17 +383,26 @@ pub fn start_consumer(
     clock: Arc<Clock>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
-    let reader = TopicReader::new(bootstrap, &[topic]);
+    let reader = TopicReader::with_config(
+        bootstrap,
+        &[topic],
+        &[("fetch.wait.max.ms", LATENCY_FETCH_WAIT_MS)],
+    );
     std::thread::spawn(move || {
         let mut batch = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             batch.clear();
             reader.read_into(&mut batch, 1, Duration::from_millis(20));
             let mut received = clock.received.lock().unwrap();
+            let mut produced = clock.produced.lock().unwrap();
             for message in &batch {
-                received
-                    .entry(message.header("outbox-id").to_string())
-                    .or_insert(message.received_at);
+                let id = message.header("outbox-id").to_string();
+                if let Some(ms) = message.timestamp_ms {
+                    produced
+                        .entry(id.clone())
+                        .or_insert_with(|| instant_of_epoch_ms(ms));
+                }
+                received.entry(id).or_insert(message.received_at);
             }
         }
     })
@@ -368,11 +486,12 @@ pub fn machine() -> String {
 pub fn bare_producer(
     bootstrap: &str,
 ) -> rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
-    rdkafka::ClientConfig::new()
+    let mut config = rdkafka::ClientConfig::new();
+    for (key, value) in outbox_pg_core::producer::DEFAULT_PROPERTIES {
+        config.set(*key, *value);
+    }
+    config
         .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
         .create()
         .expect("producer")
 }
@@ -452,13 +571,10 @@ impl DistinctCounter {
             let (seen, stop) = (seen.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut ids = std::collections::HashSet::with_capacity(expected);
-                let mut batch = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    batch.clear();
-                    reader.read_into(&mut batch, 1000, Duration::from_millis(20));
-                    for message in &batch {
-                        ids.insert(message.header("outbox-id").to_string());
-                    }
+                    reader.read_ids(1000, Duration::from_millis(20), |id| {
+                        ids.insert(id.to_vec());
+                    });
                     let mut seen = seen.lock().unwrap();
                     seen.0 = ids.len();
                     if seen.1.is_none() && ids.len() >= expected {

@@ -18,6 +18,9 @@ pub struct Received {
     pub headers: HashMap<String, String>,
     /// When this consumer received it.
     pub received_at: Instant,
+    /// The message's Kafka timestamp (CreateTime: when the producer was handed it), in
+    /// milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl Received {
@@ -44,22 +47,21 @@ impl TopicReader {
         Self::with_config(bootstrap, topics, &[])
     }
 
-    /// Like `new`, with extra librdkafka properties (TLS, ...).
+    /// Like `new`, with extra librdkafka properties (TLS, ...), which override the defaults.
     pub fn with_config(bootstrap: &str, topics: &[&str], extra: &[(&str, &str)]) -> Self {
         let mut config = ClientConfig::new();
-        for (key, value) in extra {
-            config.set(*key, *value);
-        }
-        let consumer: BaseConsumer = config
+        config
             .set("bootstrap.servers", bootstrap)
             .set("group.id", format!("outbox-e2e-{}", uuid::Uuid::new_v4()))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "5")
             .set("fetch.error.backoff.ms", "50")
             // A broker that restarted empty: start over from its first message.
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .expect("consumer");
+            .set("auto.offset.reset", "earliest");
+        for (key, value) in extra {
+            config.set(*key, *value);
+        }
+        let consumer: BaseConsumer = config.create().expect("consumer");
         let mut assignment = TopicPartitionList::new();
         let mut partition_list = Vec::new();
         for topic in topics {
@@ -148,6 +150,30 @@ impl TopicReader {
         received
     }
 
+    /// Reads up to `max` messages within `timeout`, handing each one's `outbox-id` header to
+    /// `f` without decoding the rest (a benchmark's counter must cost the machine little).
+    /// Returns how many messages it read.
+    pub fn read_ids(&self, max: usize, timeout: Duration, mut f: impl FnMut(&[u8])) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut read = 0;
+        while read < max && Instant::now() < deadline {
+            let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(50)) else {
+                continue;
+            };
+            self.next.borrow_mut().insert(
+                (message.topic().to_string(), message.partition()),
+                message.offset() + 1,
+            );
+            read += 1;
+            if let Some(headers) = message.headers() {
+                if let Some(id) = headers.iter().find(|h| h.key == "outbox-id") {
+                    f(id.value.unwrap_or_default());
+                }
+            }
+        }
+        read
+    }
+
     /// Appends to `received` until it holds `expected` messages or `timeout` passed.
     pub fn read_into(&self, received: &mut Vec<Received>, expected: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -178,5 +204,6 @@ fn decode(message: &rdkafka::message::BorrowedMessage<'_>) -> Received {
         payload: text(message.payload()),
         headers,
         received_at: Instant::now(),
+        timestamp_ms: message.timestamp().to_millis(),
     }
 }

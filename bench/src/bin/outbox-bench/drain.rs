@@ -16,10 +16,11 @@ pub fn run(options: &Options) -> String {
          | broker | outbox_pg events/s, recorded | consumer has read all | baseline relay events/s | ratio |\n\
          |---|---|---|---|---|\n"
     );
-    for broker in [
-        Broker::mock(&[("bench.drain", 6)]),
-        Broker::tansu(&[("bench.drain", 6)]),
-    ] {
+    let brokers = [
+        wanted("BENCH_BROKERS", "mock").then(|| Broker::mock(&[("bench.drain", 6)])),
+        wanted("BENCH_BROKERS", "tansu").then(|| Broker::tansu(&[("bench.drain", 6)])),
+    ];
+    for broker in brokers.into_iter().flatten() {
         let cluster = cluster(&broker.bootstrap(), &[]);
         let mut db = cluster.connect();
         db.batch_execute("SELECT outbox.pause()").unwrap();
@@ -90,14 +91,20 @@ pub fn run(options: &Options) -> String {
     out
 }
 
-/// BENCH_PERF=1: records the worker's profile while it drains (perf record -g), stopped on drop.
+/// BENCH_PERF=1: records the worker's profile while it drains (perf record -g), stopped on
+/// drop; BENCH_PERF=all records every process on the machine instead (who takes the CPU).
 fn profile_worker(cluster: &outbox_pg_harness::PgCluster, broker: &str) -> Option<Profile> {
-    std::env::var_os("BENCH_PERF")?;
+    let what = std::env::var("BENCH_PERF").ok()?;
     let pid = cluster.worker_pid("postgres")?;
+    let target = if what == "all" {
+        vec!["-a".to_string()]
+    } else {
+        vec!["-p".to_string(), pid.to_string()]
+    };
     let child = std::process::Command::new("perf")
-        .args(["record", "-g", "-F", "999", "-o"])
+        .args(["record", "-e", "cpu-clock", "-g", "-F", "999", "-o"])
         .arg(format!("/tmp/perf.drain.{}", broker.replace(' ', "_")))
-        .args(["-p", &pid.to_string()])
+        .args(&target)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

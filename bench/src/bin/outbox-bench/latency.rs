@@ -45,18 +45,14 @@ pub fn run(options: &Options) -> String {
         .iter()
         .map(|(_, _, topic)| (topic.as_str(), 6))
         .collect();
-    // BENCH_BROKERS=mock / BENCH_SYSTEMS=outbox_pg narrow the run (when investigating).
-    let only = |variable: &str, name: &str| {
-        std::env::var(variable).map_or(true, |v| v.split(',').any(|w| name.starts_with(w.trim())))
-    };
     let brokers = [
-        only("BENCH_BROKERS", "mock").then(|| Broker::mock(&topics)),
-        only("BENCH_BROKERS", "tansu").then(|| Broker::tansu(&topics)),
+        wanted("BENCH_BROKERS", "mock").then(|| Broker::mock(&topics)),
+        wanted("BENCH_BROKERS", "tansu").then(|| Broker::tansu(&topics)),
     ];
     for broker in brokers.iter().flatten() {
         for (rate, system, topic) in &runs {
             let (rate, system) = (*rate, *system);
-            if !only("BENCH_SYSTEMS", system) {
+            if !wanted("BENCH_SYSTEMS", system) {
                 continue;
             }
             {
@@ -80,7 +76,8 @@ pub fn run(options: &Options) -> String {
     }
     out.push_str(
         "\nCommit instant: when COMMIT returned to the emitting client; receive instant: when the consumer \
-         (fetch.wait.max.ms = 5) got the message. `synchronous_commit = off` on this cluster, because the \
+         (fetch.wait.max.ms = 1: the mock cluster answers an empty fetch only at the end of that wait, \
+         a Kafka broker as soon as data arrives) got the message. `synchronous_commit = off` on this cluster, because the \
          machine cannot fsync 5,000 transactions a second; publishing does not depend on it. \
          \"≥\": some events had not arrived when the window closed (10 s after the last emit), \
          counted at that bound. \"producer alone\": no database, a librdkafka producer with outbox_pg's \
