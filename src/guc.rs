@@ -197,7 +197,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"outbox.retention",
-        c"How long published events are kept before the worker deletes them; -1 keeps them forever.",
+        c"How long published events and their receipts are kept after they were published; -1 keeps them forever.",
         c"",
         &RETENTION_S,
         -1,

@@ -181,7 +181,7 @@ fn a_dump_and_restore_keeps_unsent_and_dead_events_the_inbox_the_pause_and_the_s
 /// not send what it cannot record: it waits, says so once a minute, and publishes everything
 /// once writes are allowed again, with at most one batch sent twice.
 #[test]
-fn a_read_only_freeze_pauses_publishing_and_sends_at_most_one_batch_twice() {
+fn a_read_only_freeze_pauses_publishing_and_sends_at_most_what_was_in_flight_twice() {
     let mock = mock_cluster(&[("t", 3)]);
     let cluster =
         PgCluster::with_outbox(&mock.bootstrap_servers(), &[("outbox.batch_size", "100")]);
