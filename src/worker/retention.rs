@@ -23,8 +23,8 @@ use crate::{guc, process};
 
 /// Events deleted per chunk at most: a chunk holds up publishing for about a millisecond.
 const CHUNK: usize = 256;
-/// Receipts looked at per chunk.
-const RECEIPTS_PER_CHUNK: i64 = 64;
+/// Receipts looked at per chunk (whole ones go in two statements, however many).
+const RECEIPTS_PER_CHUNK: i64 = 256;
 /// How often retention looks for old rows while it found none.
 const INTERVAL: Duration = Duration::from_secs(1);
 /// How often the walk over unstamped rows starts over (a replicated row can arrive with an
@@ -36,6 +36,8 @@ pub struct Retention {
     old_receipts: Plan,
     delete_receipt_events: Plan,
     delete_receipt: Plan,
+    delete_receipts_events: Plan,
+    delete_receipts: Plan,
     expire_unstamped: Plan,
     /// The receipt being expired, and how many of its events are deleted already.
     receipt: Option<(i64, usize)>,
@@ -71,6 +73,17 @@ impl Retention {
                 &[INT8OID, INT4OID, INT4OID],
             ),
             delete_receipt: Plan::prepare("DELETE FROM outbox.batches WHERE id = $1", &[INT8OID]),
+            // Whole receipts $1 < id <= $2, and their events by primary key.
+            delete_receipts_events: Plan::prepare(
+                "DELETE FROM outbox.events e
+                 WHERE e.id = ANY (ARRAY(SELECT unnest(b.event_ids) FROM outbox.batches b
+                                         WHERE b.id > $1 AND b.id <= $2))",
+                &[INT8OID, INT8OID],
+            ),
+            delete_receipts: Plan::prepare(
+                "DELETE FROM outbox.batches WHERE id > $1 AND id <= $2",
+                &[INT8OID, INT8OID],
+            ),
             // Unstamped rows after the cursor in seq order (the NULL end of events_xid):
             // those emitted before the cutoff id are deleted, unless parked (a dead event from
             // before 0.3.0). Returns each row's seq and whether it was old enough.
@@ -106,21 +119,20 @@ impl Retention {
             self.unstamped_restarted_at = Instant::now();
         }
         let retention = Duration::from_secs(retention as u64);
-        let deleted =
+        let more =
             process::in_transaction_unless_locked("outbox_pg: expiring published events", || {
                 // A database that refuses writes (a freeze) keeps its history until it thaws.
                 if process::transaction_is_read_only() {
-                    return None;
+                    return false;
                 }
-                Some(spi::connected(|| {
-                    let receipted = self.expire_receipts(retention, CHUNK);
-                    receipted + self.expire_unstamped(retention, CHUNK - receipted)
-                }))
+                spi::connected(|| {
+                    let (receipted, cut) = self.expire_receipts(retention, CHUNK);
+                    cut || receipted + self.expire_unstamped(retention, CHUNK - receipted) >= CHUNK
+                })
             })
-            .flatten();
-        // A full chunk: more may be waiting. Otherwise (or locked, or read-only) look again in
-        // a second.
-        let more = deleted.is_some_and(|n| n >= CHUNK);
+            .unwrap_or(false);
+        // Stopped by the chunk's limits: more may be waiting, and the worker comes back after
+        // its next round. Otherwise (or locked, or read-only) look again in a second.
         if !more {
             self.last_run = Some(Instant::now());
         }
@@ -128,8 +140,10 @@ impl Retention {
     }
 
     /// Deletes up to `budget` events of old receipts, and the receipts whose events are all
-    /// gone; returns how many events it deleted (or `budget`, if it stopped for it).
-    fn expire_receipts(&mut self, retention: Duration, budget: usize) -> usize {
+    /// gone: consecutive whole receipts in one statement each for their events and their rows,
+    /// a receipt larger than what is left of the budget in slices. Returns how many events it
+    /// deleted, and whether it stopped for the chunk's limits rather than at a young receipt.
+    fn expire_receipts(&mut self, retention: Duration, budget: usize) -> (usize, bool) {
         let rows = self.old_receipts.run(
             &[
                 Arg::int8(self.receipts_after),
@@ -149,15 +163,25 @@ impl Retention {
             })
             .collect();
         drop(rows);
+        let listed = receipts.len() as i64;
         let mut left = budget;
+        // Whole receipts after receipts_after up to this id, not deleted yet.
+        let mut whole_upto = None;
         for (id, events, old, newest) in receipts {
             if !old {
-                break; // receipts are recorded in id order: the rest is younger
+                self.delete_whole(whole_upto);
+                return (budget - left, false); // recorded in id order: the rest is younger
             }
             let done = match self.receipt {
                 Some((at, done)) if at == id => done,
                 _ => 0,
             };
+            if done == 0 && !newest && events <= left {
+                whole_upto = Some(id);
+                left -= events;
+                continue;
+            }
+            self.delete_whole(whole_upto.take());
             let take = (events - done.min(events)).min(left);
             if take > 0 {
                 self.delete_receipt_events.run(
@@ -174,16 +198,25 @@ impl Retention {
                 // The budget ran out inside this receipt, or it is the position: its row stays
                 // (its events are gone once done reaches events).
                 self.receipt = Some((id, done + take));
-                return budget - left;
+                return (budget - left, done + take < events);
             }
             self.delete_receipt.run(&[Arg::int8(id)], false);
             self.receipt = None;
             self.receipts_after = id;
-            if left == 0 {
-                return budget;
-            }
         }
-        budget - left
+        self.delete_whole(whole_upto);
+        (budget - left, left == 0 || listed == RECEIPTS_PER_CHUNK)
+    }
+
+    /// Deletes the whole receipts after the cursor up to `upto`, with their events.
+    fn delete_whole(&mut self, upto: Option<i64>) {
+        let Some(upto) = upto else {
+            return;
+        };
+        let range = [Arg::int8(self.receipts_after), Arg::int8(upto)];
+        self.delete_receipts_events.run(&range, false);
+        self.delete_receipts.run(&range, false);
+        self.receipts_after = upto;
     }
 
     /// Deletes up to `budget` unstamped rows emitted more than `retention` ago; returns how many

@@ -475,6 +475,54 @@ fn retention_follows_receipts_keeps_dead_events_and_expires_replicated_rows() {
     old.batch_execute("COMMIT").unwrap();
 }
 
+/// Retention keeps pace with a trickle of small commits, each with a receipt of its own: a
+/// chunk deletes up to 256 whole receipts with their events in two statements, and the worker
+/// comes back for the next chunk after its next round. (It once looked at 64 receipts a
+/// second: these took it half a minute and more, and under 1,000 commits a second the tables
+/// grew without end.)
+#[test]
+fn retention_keeps_pace_with_thousands_of_small_receipts() {
+    let mock = mock_cluster(&[("t", 3)]);
+    let cluster = PgCluster::with_outbox(&mock.bootstrap_servers(), &[("outbox.retention", "-1")]);
+    let mut db = cluster.connect();
+    db.batch_execute(
+        "DO $$ BEGIN
+             FOR i IN 1..3000 LOOP
+                 PERFORM outbox.emit('t', i, '{}');
+                 COMMIT;
+                 PERFORM pg_sleep(0.001);
+             END LOOP;
+         END $$",
+    )
+    .unwrap();
+    assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+    let receipts: i64 = db
+        .query_one("SELECT count(*) FROM outbox.batches", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        receipts >= 1_000,
+        "the commits were published in small batches: {receipts} receipts"
+    );
+    cluster.set("outbox.retention", "1s");
+    // Half the time 64 receipts a second would take.
+    let deadline = Duration::from_secs((receipts / 128) as u64);
+    let started = std::time::Instant::now();
+    assert!(
+        wait_until(deadline, || count_events(&mut db, "true") == 0
+            && db
+                .query_one("SELECT count(*) FROM outbox.batches", &[])
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1),
+        "{receipts} receipts and their events expire within {deadline:?}"
+    );
+    println!(
+        "{receipts} receipts and 3,000 events expired {:?} after retention was set to 1 s",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn standby_publishes_only_after_promotion() {
     let tansu = Tansu::start();

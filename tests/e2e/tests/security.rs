@@ -673,8 +673,10 @@ fn burst_drain(cluster: &PgCluster, role: &str, count: i64, topic: &str) -> Dura
         &[&count],
     )
     .unwrap();
-    let committing: std::time::SystemTime =
-        tx.query_one("SELECT clock_timestamp()", &[]).unwrap().get(0);
+    let committing: std::time::SystemTime = tx
+        .query_one("SELECT clock_timestamp()", &[])
+        .unwrap()
+        .get(0);
     tx.commit().unwrap();
     assert!(
         wait_until(Duration::from_secs(300), || published_since(
