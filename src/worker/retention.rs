@@ -21,9 +21,9 @@ use pgrx::pg_sys;
 use super::spi::{self, Arg, Plan};
 use crate::{guc, process};
 
-/// Events deleted per chunk at most: a chunk holds up publishing for about a millisecond.
+/// Events deleted per chunk at most: a chunk holds up publishing for a few milliseconds.
 const CHUNK: usize = 256;
-/// Receipts looked at per chunk (whole ones go in two statements, however many).
+/// Receipts looked at per chunk (whole ones go in one statement, however many).
 const RECEIPTS_PER_CHUNK: i64 = 256;
 /// How often retention looks for old rows while it found none.
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -36,7 +36,6 @@ pub struct Retention {
     old_receipts: Plan,
     delete_receipt_events: Plan,
     delete_receipt: Plan,
-    delete_receipts_events: Plan,
     delete_receipts: Plan,
     expire_unstamped: Plan,
     /// The receipt being expired, and how many of its events are deleted already.
@@ -52,7 +51,7 @@ pub struct Retention {
 impl Retention {
     /// Prepares the statements. Inside a transaction, with the extension installed.
     pub fn prepare() -> Retention {
-        use pg_sys::{INT4OID, INT8OID, UUIDOID};
+        use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID, UUIDOID};
         spi::connected(|| Retention {
             // The receipts after the cursor, each with its event count, whether it is old
             // enough, and whether it is the newest (the position: its row stays).
@@ -73,16 +72,13 @@ impl Retention {
                 &[INT8OID, INT4OID, INT4OID],
             ),
             delete_receipt: Plan::prepare("DELETE FROM outbox.batches WHERE id = $1", &[INT8OID]),
-            // Whole receipts $1 < id <= $2, and their events by primary key.
-            delete_receipts_events: Plan::prepare(
-                "DELETE FROM outbox.events e
-                 WHERE e.id = ANY (ARRAY(SELECT unnest(b.event_ids) FROM outbox.batches b
-                                         WHERE b.id > $1 AND b.id <= $2))",
-                &[INT8OID, INT8OID],
-            ),
+            // Whole receipts (the ids listed, each looked at), and their events by primary key.
             delete_receipts: Plan::prepare(
-                "DELETE FROM outbox.batches WHERE id > $1 AND id <= $2",
-                &[INT8OID, INT8OID],
+                "WITH gone AS (
+                     DELETE FROM outbox.batches b WHERE b.id = ANY ($1) RETURNING b.event_ids)
+                 DELETE FROM outbox.events e
+                 WHERE e.id = ANY (ARRAY(SELECT unnest(g.event_ids) FROM gone g))",
+                &[INT8ARRAYOID],
             ),
             // Unstamped rows after the cursor in seq order (the NULL end of events_xid):
             // those emitted before the cutoff id are deleted, unless parked (a dead event from
@@ -108,7 +104,8 @@ impl Retention {
         })
     }
 
-    /// Deletes one chunk of old rows if it is time; true if more old rows are waiting.
+    /// Deletes one chunk of old rows if it is time; true if it stopped for the chunk's limits
+    /// (more may be waiting).
     pub fn run(&mut self) -> bool {
         let retention = guc::RETENTION_S.get();
         if retention < 0 || self.last_run.is_some_and(|at| at.elapsed() < INTERVAL) {
@@ -119,6 +116,9 @@ impl Retention {
             self.unstamped_restarted_at = Instant::now();
         }
         let retention = Duration::from_secs(retention as u64);
+        // Where the walks stand: put back if the chunk's transaction does not commit (a lock
+        // wait that timed out), or rows it deleted would be skipped for good.
+        let cursors = (self.receipt, self.receipts_after, self.unstamped_after);
         let more =
             process::in_transaction_unless_locked("outbox_pg: expiring published events", || {
                 // A database that refuses writes (a freeze) keeps its history until it thaws.
@@ -130,7 +130,10 @@ impl Retention {
                     cut || receipted + self.expire_unstamped(retention, CHUNK - receipted) >= CHUNK
                 })
             })
-            .unwrap_or(false);
+            .unwrap_or_else(|| {
+                (self.receipt, self.receipts_after, self.unstamped_after) = cursors;
+                false
+            });
         // Stopped by the chunk's limits: more may be waiting, and the worker comes back after
         // its next round. Otherwise (or locked, or read-only) look again in a second.
         if !more {
@@ -140,7 +143,7 @@ impl Retention {
     }
 
     /// Deletes up to `budget` events of old receipts, and the receipts whose events are all
-    /// gone: consecutive whole receipts in one statement each for their events and their rows,
+    /// gone: consecutive whole receipts in one statement with their events,
     /// a receipt larger than what is left of the budget in slices. Returns how many events it
     /// deleted, and whether it stopped for the chunk's limits rather than at a young receipt.
     fn expire_receipts(&mut self, retention: Duration, budget: usize) -> (usize, bool) {
@@ -165,11 +168,11 @@ impl Retention {
         drop(rows);
         let listed = receipts.len() as i64;
         let mut left = budget;
-        // Whole receipts after receipts_after up to this id, not deleted yet.
-        let mut whole_upto = None;
+        // Whole receipts listed and not deleted yet.
+        let mut whole = Vec::new();
         for (id, events, old, newest) in receipts {
             if !old {
-                self.delete_whole(whole_upto);
+                self.delete_whole(&mut whole);
                 return (budget - left, false); // recorded in id order: the rest is younger
             }
             let done = match self.receipt {
@@ -177,11 +180,11 @@ impl Retention {
                 _ => 0,
             };
             if done == 0 && !newest && events <= left {
-                whole_upto = Some(id);
+                whole.push(id);
                 left -= events;
                 continue;
             }
-            self.delete_whole(whole_upto.take());
+            self.delete_whole(&mut whole);
             let take = (events - done.min(events)).min(left);
             if take > 0 {
                 self.delete_receipt_events.run(
@@ -204,19 +207,19 @@ impl Retention {
             self.receipt = None;
             self.receipts_after = id;
         }
-        self.delete_whole(whole_upto);
+        self.delete_whole(&mut whole);
         (budget - left, left == 0 || listed == RECEIPTS_PER_CHUNK)
     }
 
-    /// Deletes the whole receipts after the cursor up to `upto`, with their events.
-    fn delete_whole(&mut self, upto: Option<i64>) {
-        let Some(upto) = upto else {
+    /// Deletes the receipts `ids` (consecutive after the cursor, all looked at), with their
+    /// events.
+    fn delete_whole(&mut self, ids: &mut Vec<i64>) {
+        let Some(&last) = ids.last() else {
             return;
         };
-        let range = [Arg::int8(self.receipts_after), Arg::int8(upto)];
-        self.delete_receipts_events.run(&range, false);
-        self.delete_receipts.run(&range, false);
-        self.receipts_after = upto;
+        self.delete_receipts
+            .run(&[Arg::from_into(std::mem::take(ids))], false);
+        self.receipts_after = last;
     }
 
     /// Deletes up to `budget` unstamped rows emitted more than `retention` ago; returns how many
