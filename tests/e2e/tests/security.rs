@@ -686,7 +686,8 @@ fn burst_drain(cluster: &PgCluster, role: &str, count: i64, topic: &str) -> Dura
     );
     let recorded: std::time::SystemTime = admin
         .query_one(
-            "SELECT max(recorded_at) FROM outbox.batches WHERE id > $1",
+            // A window closing empty after the burst records a receipt of its own, later.
+            "SELECT max(recorded_at) FROM outbox.batches WHERE id > $1 AND event_count > 0",
             &[&mark],
         )
         .unwrap()
@@ -713,7 +714,14 @@ fn one_roles_failing_events_do_not_stall_another_roles_events() {
     burst_drain(&cluster, "app", 1_000, "orders");
     // Each side is the best of five bursts: one figure on a shared 2-core machine is noise
     // (single bursts of the same side differ by up to 1.5x here).
+    // Each side starts after a vacuum of what came before (the 100,000 failing rows for the
+    // second), so that autovacuum's pass over them does not take one of the two cores during
+    // one side's bursts only.
     let best_of_five = || {
+        cluster
+            .connect()
+            .batch_execute("VACUUM ANALYZE outbox.events, outbox.parked")
+            .unwrap();
         (0..5)
             .map(|_| burst_drain(&cluster, "app", 50_000, "orders"))
             .min()
