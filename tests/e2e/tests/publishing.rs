@@ -362,11 +362,7 @@ fn retention_deletes_old_published_events_only() {
         "the unpublishable event stays"
     );
     assert!(
-        wait_until(Duration::from_secs(30), || db
-            .query_one("SELECT count(*) FROM outbox.batches", &[])
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1),
+        wait_until(Duration::from_secs(30), || count_receipts(&mut db) == 1),
         "old receipts go too, all but the newest (the worker's position)"
     );
 }
@@ -465,11 +461,7 @@ fn retention_follows_receipts_keeps_dead_events_and_expires_replicated_rows() {
         "the dead event stays"
     );
     assert!(
-        wait_until(Duration::from_secs(30), || db
-            .query_one("SELECT count(*) FROM outbox.batches", &[])
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1),
+        wait_until(Duration::from_secs(30), || count_receipts(&mut db) == 1),
         "receipts go too, all but the newest (the worker's position)"
     );
     old.batch_execute("COMMIT").unwrap();
@@ -506,10 +498,7 @@ fn retention_keeps_pace_with_small_receipts_and_loses_none_to_a_lock_wait() {
         &mut db,
         "e.event_type = 't'"
     ) == 3000));
-    let receipts: i64 = db
-        .query_one("SELECT count(*) FROM outbox.batches", &[])
-        .unwrap()
-        .get(0);
+    let receipts = count_receipts(&mut db);
     assert!(
         receipts >= 1_000,
         "the commits were published in small batches: {receipts} receipts"
@@ -530,16 +519,11 @@ fn retention_keeps_pace_with_small_receipts_and_loses_none_to_a_lock_wait() {
     let started = std::time::Instant::now();
     assert!(
         wait_until(deadline, || count_events(&mut db, "true") == 1
-            && db
-                .query_one("SELECT count(*) FROM outbox.batches", &[])
-                .unwrap()
-                .get::<_, i64>(0)
+            && count_receipts(&mut db)
                 == 1),
         "{receipts} receipts and their events expire within {deadline:?}: {} events, {} receipts left",
         count_events(&mut db, "true"),
-        db.query_one("SELECT count(*) FROM outbox.batches", &[])
-            .unwrap()
-            .get::<_, i64>(0)
+        count_receipts(&mut db)
     );
     println!(
         "{receipts} receipts and 3,000 events expired {:?} after the lock was released",

@@ -119,6 +119,14 @@ pub fn receipts_mark(client: &mut postgres::Client) -> i64 {
         .get(0)
 }
 
+/// Rows of outbox.batches (receipts, the newest being the worker's position).
+pub fn count_receipts(client: &mut postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM outbox.batches", &[])
+        .unwrap()
+        .get(0)
+}
+
 /// Events published in receipt rows recorded after `mark` (cheap: only new rows are read).
 pub fn published_since(client: &mut postgres::Client, mark: i64) -> i64 {
     client
