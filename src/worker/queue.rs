@@ -160,7 +160,6 @@ pub struct Queue {
     late_events: Plan,
     events_at: Plan,
     anything_parked: Plan,
-    retry_due: Plan,
     parked_topics: Plan,
     held_back: Plan,
     due_heads: Plan,
@@ -267,14 +266,13 @@ impl Queue {
                 ),
                 &[TEXTARRAYOID],
             ),
+            // Whether anything is parked that a claim must look at, and whether a retry is
+            // due (one statement: it runs at every claim).
             anything_parked: Plan::prepare(
-                "SELECT EXISTS (SELECT 1 FROM outbox.parked WHERE state <> 'dead' OR $1)",
-                &[BOOLOID],
-            ),
-            retry_due: Plan::prepare(
-                "SELECT EXISTS (SELECT 1 FROM outbox.parked
+                "SELECT EXISTS (SELECT 1 FROM outbox.parked WHERE state <> 'dead' OR $1),
+                        EXISTS (SELECT 1 FROM outbox.parked
                                 WHERE state = 'retrying' AND next_attempt_at <= clock_timestamp())",
-                &[],
+                &[BOOLOID],
             ),
             // The distinct topics of parked events: a loose index scan over parked_key, one
             // probe per topic however many events are parked.
@@ -431,13 +429,10 @@ impl Queue {
     pub fn claim(&self, position: &Position, limits: Limits, dead_holds: bool) -> Claim {
         spi::connected(|| {
             let mut claim = Claim::default();
-            let anything_parked = self
-                .anything_parked
-                .run(&[Arg::boolean(true)], true)
-                .boolean(0, 1)
-                .unwrap_or(false);
-            claim.retry_due =
-                anything_parked && self.retry_due.run(&[], true).boolean(0, 1).unwrap_or(false);
+            let parked = self.anything_parked.run(&[Arg::boolean(true)], true);
+            let anything_parked = parked.boolean(0, 1).unwrap_or(false);
+            claim.retry_due = parked.boolean(0, 2).unwrap_or(false);
+            drop(parked);
             let mut budget = Budget::new(limits);
             if anything_parked && limits.retries > 0 {
                 self.claim_parked(&mut claim, &mut budget, limits, dead_holds);
