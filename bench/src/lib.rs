@@ -38,9 +38,9 @@ pub enum Broker {
 }
 
 impl Broker {
-    pub fn mock(topics: &[(&str, i32)]) -> Self {
+    pub fn mock(topics: &[(impl AsRef<str>, i32)]) -> Self {
         let mut child = Command::new(sibling("mock-broker"))
-            .args(topics.iter().map(|(t, p)| format!("{t}:{p}")))
+            .args(topics.iter().map(|(t, p)| format!("{}:{p}", t.as_ref())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -57,10 +57,10 @@ impl Broker {
         }
     }
 
-    pub fn tansu(topics: &[(&str, i32)]) -> Self {
+    pub fn tansu(topics: &[(impl AsRef<str>, i32)]) -> Self {
         let tansu = Tansu::start();
         for (topic, partitions) in topics {
-            tansu.create_topic(topic, *partitions);
+            tansu.create_topic(topic.as_ref(), *partitions);
         }
         Broker::Tansu(tansu)
     }
@@ -376,41 +376,187 @@ impl Clock {
 /// every measured latency: 1 ms, instead of the harness's 5.
 pub const LATENCY_FETCH_WAIT_MS: &str = "1";
 
-/// Reads `topic` in a thread, stamping the receive instant of each `outbox-id`.
+/// The topics a steady run publishes to, a fresh one every [`TOPIC_PERIOD`], so that the
+/// broker's own latency stays flat for the whole run.
+///
+/// librdkafka's mock cluster finds a fetch's offset by walking the partition's log from its
+/// oldest message set (rdkafka_mock.c, `rd_kafka_mock_msgset_find`: "FIXME: Maintain an
+/// index"), and it keeps up to 5 MB per partition: on one long-lived topic every fetch costs more
+/// as the log grows, until the mock's thread is saturated. Measured here with a bare producer
+/// and no database, on one topic: p99 10.5, 21.7, 37.1 ms in three 10 s windows at 5,000/s; 16,
+/// 26, 36, 48, 49, 67 ms in six 30 s windows at 1,000/s. With a fresh topic every 5 s: 6.3, 7.3,
+/// 7.5 ms. A Kafka broker finds an offset through its offset index; a relay's latency is not
+/// a property of how long a topic has existed. Emitters and the consumer agree on the topic by
+/// the clock: topic `k` is the one for instants `start + k * TOPIC_PERIOD`.
+#[derive(Clone)]
+pub struct Topics {
+    prefix: String,
+    count: u32,
+    partitions: i32,
+    start: Instant,
+}
+
+/// How long a steady run publishes to one topic (see [`Topics`]).
+pub const TOPIC_PERIOD: Duration = Duration::from_secs(5);
+
+impl Topics {
+    /// Enough topics named `prefix.N` for a run that lasts up to `span` from now, each with
+    /// `partitions` partitions. An instant past the span stays on the last topic.
+    pub fn rotating(prefix: &str, span: Duration, partitions: i32) -> Topics {
+        Topics {
+            prefix: prefix.to_string(),
+            count: (span.as_secs_f64() / TOPIC_PERIOD.as_secs_f64()).ceil() as u32 + 1,
+            partitions,
+            start: Instant::now(),
+        }
+    }
+
+    /// One topic for the whole run (the baseline relay publishes to the one it was given).
+    pub fn single(topic: &str, partitions: i32) -> Topics {
+        Topics {
+            prefix: topic.to_string(),
+            count: 1,
+            partitions,
+            start: Instant::now(),
+        }
+    }
+
+    /// The topic for an event emitted at `at`.
+    pub fn at(&self, at: Instant) -> String {
+        self.name(self.index_at(at))
+    }
+
+    fn index_at(&self, at: Instant) -> u32 {
+        let k = (at.saturating_duration_since(self.start).as_secs_f64()
+            / TOPIC_PERIOD.as_secs_f64()) as u32;
+        k.min(self.count - 1)
+    }
+
+    fn name(&self, k: u32) -> String {
+        if self.count == 1 {
+            self.prefix.clone()
+        } else {
+            format!("{}.{k}", self.prefix)
+        }
+    }
+
+    /// Every topic with its partition count, to create them on the broker.
+    pub fn specs(&self) -> Vec<(String, i32)> {
+        (0..self.count)
+            .map(|k| (self.name(k), self.partitions))
+            .collect()
+    }
+
+    /// The same topics, the first one for instants up to `start`.
+    pub fn starting_at(&self, start: Instant) -> Topics {
+        Topics {
+            start,
+            ..self.clone()
+        }
+    }
+
+    /// Every partition of topics `ks`, from the beginning.
+    fn partitions_of(&self, ks: std::ops::Range<u32>) -> rdkafka::TopicPartitionList {
+        let mut list = rdkafka::TopicPartitionList::new();
+        for k in ks {
+            for p in 0..self.partitions {
+                list.add_partition_offset(&self.name(k), p, rdkafka::Offset::Beginning)
+                    .unwrap();
+            }
+        }
+        list
+    }
+
+    /// The first topic (the only one of [`Topics::single`]).
+    pub fn first(&self) -> String {
+        self.name(0)
+    }
+
+    /// The instant the first topic's period begins.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+}
+
+/// Reads `topics` in a thread, stamping the receive instant of each `outbox-id`. It follows
+/// the rotation: the current topic and the next are assigned ahead of time (from their first
+/// message), and a topic is let go four periods after its own (20 s: anything later than that
+/// counts as not received).
 pub fn start_consumer(
     bootstrap: &str,
-    topic: &str,
+    topics: &Topics,
     clock: Arc<Clock>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
-    let reader = TopicReader::with_config(
-        bootstrap,
-        &[topic],
-        &[("fetch.wait.max.ms", LATENCY_FETCH_WAIT_MS)],
-    );
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", LATENCY_FETCH_WAIT_MS)
+        .set("fetch.error.backoff.ms", "50")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let topics = topics.clone();
+    // Topics [low, high) are assigned.
+    let (mut low, mut high) = (0, (topics.index_at(Instant::now()) + 2).min(topics.count));
+    consumer
+        .incremental_assign(&topics.partitions_of(low..high))
+        .unwrap();
     std::thread::spawn(move || {
-        let mut batch = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            batch.clear();
-            reader.read_into(&mut batch, 1, Duration::from_millis(20));
-            let mut received = clock.received.lock().unwrap();
-            let mut produced = clock.produced.lock().unwrap();
-            for message in &batch {
-                let id = message.header("outbox-id").to_string();
-                if let Some(ms) = message.timestamp_ms {
-                    produced
-                        .entry(id.clone())
-                        .or_insert_with(|| instant_of_epoch_ms(ms));
-                }
-                received.entry(id).or_insert(message.received_at);
+            let now = topics.index_at(Instant::now());
+            let wanted_high = (now + 2).min(topics.count);
+            if wanted_high > high {
+                consumer
+                    .incremental_assign(&topics.partitions_of(high..wanted_high))
+                    .unwrap();
+                high = wanted_high;
             }
+            let wanted_low = now.saturating_sub(4);
+            if wanted_low > low {
+                consumer
+                    .incremental_unassign(&topics.partitions_of(low..wanted_low))
+                    .unwrap();
+                low = wanted_low;
+            }
+            let Some(Ok(message)) = consumer.poll(Duration::from_millis(20)) else {
+                continue;
+            };
+            let received_at = Instant::now();
+            let Some(id) = message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == "outbox-id")
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            }) else {
+                continue;
+            };
+            if let Some(ms) = message.timestamp().to_millis() {
+                clock
+                    .produced
+                    .lock()
+                    .unwrap()
+                    .entry(id.clone())
+                    .or_insert_with(|| instant_of_epoch_ms(ms));
+            }
+            clock
+                .received
+                .lock()
+                .unwrap()
+                .entry(id)
+                .or_insert(received_at);
         }
     })
 }
 
 /// Emits single-event transactions at `rate` per second for `duration` from `connections`
 /// sessions (open loop: a late session catches up, it does not slow the schedule down).
-/// `statement` takes the aggregate id ($1, text) and returns the event id as text.
+/// `statement` takes the aggregate id ($1, text) and, if `topics` is given, the topic ($2,
+/// text: the one for the instant the event is due), and returns the event id as text.
 pub fn emit_at_rate(
     cluster: &PgCluster,
     statement: &str,
@@ -418,6 +564,7 @@ pub fn emit_at_rate(
     duration: Duration,
     connections: u32,
     clock: Arc<Clock>,
+    topics: Option<&Topics>,
 ) {
     let start = Instant::now() + Duration::from_millis(200);
     let per_session = rate as f64 / connections as f64;
@@ -426,12 +573,17 @@ pub fn emit_at_rate(
             let mut db = cluster.connect();
             let statement = db.prepare(statement).unwrap();
             let clock = clock.clone();
+            let topics = topics.cloned();
             std::thread::spawn(move || {
                 let interval = Duration::from_secs_f64(1.0 / per_session);
                 let offset = interval.mul_f64(session as f64 / connections as f64);
-                on_schedule(start + offset, interval, start + duration, |n| {
+                on_schedule(start + offset, interval, start + duration, |n, due| {
                     let aggregate = ((n * connections as u64 + session as u64) % 1000).to_string();
-                    let id: String = db.query_one(&statement, &[&aggregate]).unwrap().get(0);
+                    let row = match &topics {
+                        Some(topics) => db.query_one(&statement, &[&aggregate, &topics.at(due)]),
+                        None => db.query_one(&statement, &[&aggregate]),
+                    };
+                    let id: String = row.unwrap().get(0);
                     clock.committed.lock().unwrap().insert(id, Instant::now());
                 });
             })
@@ -442,9 +594,31 @@ pub fn emit_at_rate(
     }
 }
 
-/// Calls `step(n)` at `first + n * interval` until `end` (open loop: a late step is followed at
-/// once by the ones that are due, the schedule does not slow down).
-fn on_schedule(first: Instant, interval: Duration, end: Instant, mut step: impl FnMut(u64)) {
+/// Emits one event to each of `topics` through `statement` (as for [`emit_at_rate`]) and waits
+/// until the worker published them all: its producer then knows every topic's partitions, as
+/// it would know a long-lived topic's, and no measured event waits for a metadata request.
+pub fn warm_up_topics(cluster: &PgCluster, statement: &str, topics: &Topics) {
+    let mut db = cluster.connect();
+    let statement = db.prepare(statement).unwrap();
+    for (topic, _) in topics.specs() {
+        db.query_one(&statement, &[&"warm-up", &topic]).unwrap();
+    }
+    assert!(
+        outbox_pg_harness::wait_until(Duration::from_secs(60), || {
+            outbox_pg_harness::count_pending(&mut db) == 0
+        }),
+        "the warm-up events are published"
+    );
+}
+
+/// Calls `step(n, due)` at `due = first + n * interval` until `end` (open loop: a late step is
+/// followed at once by the ones that are due, the schedule does not slow down).
+fn on_schedule(
+    first: Instant,
+    interval: Duration,
+    end: Instant,
+    mut step: impl FnMut(u64, Instant),
+) {
     let mut n: u64 = 0;
     loop {
         let due = first + interval.mul_f64(n as f64);
@@ -454,7 +628,7 @@ fn on_schedule(first: Instant, interval: Duration, end: Instant, mut step: impl 
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        step(n);
+        step(n, due);
         n += 1;
     }
 }
@@ -498,10 +672,11 @@ pub fn bare_producer(
 
 /// Sends `rate` messages per second for `duration` straight to the broker, stamping each send
 /// instant: the broker and client's own latency floor, the best any relay could reach on this
-/// broker. Waits until every message is acknowledged.
+/// broker. Sends to the topic of each message's due instant; waits until every message is
+/// acknowledged.
 pub fn produce_at_rate(
     producer: &rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
-    topic: &str,
+    topics: &Topics,
     id_prefix: &str,
     rate: u32,
     duration: Duration,
@@ -511,7 +686,7 @@ pub fn produce_at_rate(
     use rdkafka::producer::{BaseRecord, Producer};
     let start = Instant::now() + Duration::from_millis(200);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    on_schedule(start, interval, start + duration, |n| {
+    on_schedule(start, interval, start + duration, |n, due| {
         let id = format!("{id_prefix}-{n}");
         let key = (n % 1000).to_string();
         let headers = OwnedHeaders::new().insert(Header {
@@ -525,7 +700,7 @@ pub fn produce_at_rate(
             .insert(id.clone(), Instant::now());
         producer
             .send(
-                BaseRecord::to(topic)
+                BaseRecord::to(&topics.at(due))
                     .key(&key)
                     .payload(PAYLOAD_LITERAL)
                     .headers(headers),
@@ -533,6 +708,26 @@ pub fn produce_at_rate(
             .map_err(|(e, _)| e)
             .expect("enqueue");
     });
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// Sends one message to each of `topics` and waits until they are acknowledged: the producer
+/// then knows every topic's partitions (as [`warm_up_topics`] does for the worker).
+pub fn warm_up_producer(
+    producer: &rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    topics: &Topics,
+) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    for (topic, _) in topics.specs() {
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .key("warm-up")
+                    .payload(PAYLOAD_LITERAL),
+            )
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+    }
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 

@@ -22,9 +22,9 @@ pub fn run(options: &Options) -> String {
     for sync in ["on", "off"] {
         let settings = [("fsync", "on"), ("synchronous_commit", sync)];
         let rate = versions::drain(events, &settings);
-        let topic = format!("bench.durability.{sync}");
-        let broker = Broker::mock(&[(topic.as_str(), 6)]);
-        let summary = latency::measure_latency(&broker, &topic, 500, duration, true, &settings);
+        let topics = Topics::rotating(&format!("bench.durability.{sync}"), duration, 6);
+        let broker = Broker::mock(&topics.specs());
+        let summary = latency::measure_latency(&broker, &topics, 500, duration, true, &settings);
         let [p50, p95, p99, max] = summary.cells();
         println!("durability [synchronous_commit={sync}]: drain {rate:.0}/s, latency {summary:?}");
         writeln!(

@@ -65,7 +65,8 @@ pub fn run(options: &Options) -> String {
         "\nEach run: a fresh cluster; 50,000-event bursts (one transaction each) drained, each timed from its \
          commit until the receipts cover it, the best of three taken (one burst lasts half a second, and \
          single bursts on this shared machine differ by up to 1.5×); then, with or without an idle \
-         REPEATABLE READ transaction opened, the steady rate for the given minutes (commit → consumer p99 \
+         REPEATABLE READ transaction opened, the steady rate for the given minutes, to a fresh topic \
+         every 5 s (see scenario 2; every topic used once before) (commit → consumer p99 \
          per 30 s window, and the time of `SELECT * FROM outbox.status`, the exporter's query, each window); \
          three more bursts with the snapshot still open; then the snapshot closes and the rate runs 4 more \
          minutes, so that vacuum can reclaim what retention deleted meanwhile and new rows reuse the space. \
@@ -86,7 +87,13 @@ struct Run {
 
 impl Run {
     fn measure(minutes: u64, held: bool) -> Run {
-        let broker = Broker::mock(&[(TOPIC, 6)]);
+        let duration = Duration::from_secs(minutes * 60);
+        // The steady rate moves to a fresh topic every 5 s (see `Topics`); the bursts and the
+        // rate after the snapshot closed (not timed to a consumer) use one.
+        let topics = Topics::rotating(TOPIC, duration + Duration::from_secs(10), 6);
+        let mut specs = topics.specs();
+        specs.push((TOPIC.to_string(), 6));
+        let broker = Broker::mock(&specs);
         let cluster = cluster(
             &broker.bootstrap(),
             &[("synchronous_commit", "off"), ("outbox.retention", "1min")],
@@ -104,19 +111,32 @@ impl Run {
             holder
         });
 
+        let statement = format!(
+            "SELECT outbox.emit('order.created', $1::text, '{PAYLOAD_LITERAL}', topic => $2)::text"
+        );
+        warm_up_topics(&cluster, &statement, &topics);
+        let topics = topics.starting_at(Instant::now() + Duration::from_secs(1));
         let clock = Arc::new(Clock::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let consumer = start_consumer(&broker.bootstrap(), TOPIC, clock.clone(), stop.clone());
-        let statement = format!(
-            "SELECT outbox.emit('order.created', $1::text, '{PAYLOAD_LITERAL}', topic => '{TOPIC}')::text"
-        );
-        let duration = Duration::from_secs(minutes * 60);
+        let consumer = start_consumer(&broker.bootstrap(), &topics, clock.clone(), stop.clone());
         let windows = (duration.as_secs() / WINDOW.as_secs()) as u32;
         // emit_at_rate's schedule starts 200 ms after the call.
+        std::thread::sleep(Duration::from_millis(800));
         let load_start = Instant::now() + Duration::from_millis(200);
         let mut status = Vec::new();
         std::thread::scope(|scope| {
-            scope.spawn(|| emit_at_rate(&cluster, &statement, RATE, duration, 2, clock.clone()));
+            scope.spawn(|| {
+                let clock = clock.clone();
+                emit_at_rate(
+                    &cluster,
+                    &statement,
+                    RATE,
+                    duration,
+                    2,
+                    clock,
+                    Some(&topics),
+                )
+            });
             let mut monitor = cluster.connect();
             for window in 1..=windows {
                 let due = load_start + WINDOW * window - Duration::from_secs(1);
@@ -143,6 +163,7 @@ impl Run {
         let burst_after = burst(&mut db);
         drop(holder);
         let mut after = Vec::new();
+        let after_topics = Topics::single(TOPIC, 6);
         for _ in 0..2 {
             emit_at_rate(
                 &cluster,
@@ -151,6 +172,7 @@ impl Run {
                 Duration::from_secs(120),
                 2,
                 Arc::new(Clock::default()),
+                Some(&after_topics),
             );
             after.push(Sizes::of(&mut db));
         }

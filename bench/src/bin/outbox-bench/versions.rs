@@ -33,9 +33,9 @@ pub fn run(options: &Options) -> String {
         std::env::set_var("OUTBOX_PG_BIN", server_bin(major));
         let version = server_version();
         let rate = drain(events, &[]);
-        let topic = format!("{TOPIC}.{major}");
-        let broker = Broker::mock(&[(topic.as_str(), 6)]);
-        let summary = latency::measure_latency(&broker, &topic, 5000, duration, true, &[]);
+        let topics = Topics::rotating(&format!("{TOPIC}.{major}"), duration, 6);
+        let broker = Broker::mock(&topics.specs());
+        let summary = latency::measure_latency(&broker, &topics, 5000, duration, true, &[]);
         let [p50, p95, p99, max] = summary.cells();
         println!("versions [{version}]: drain {rate:.0}/s, latency {summary:?}");
         writeln!(
@@ -49,7 +49,8 @@ pub fn run(options: &Options) -> String {
         None => std::env::remove_var("OUTBOX_PG_BIN"),
     }
     out.push_str(
-        "\nSame settings as scenarios 1 and 2 (`synchronous_commit = off` for the latency run); the majors \
+        "\nSame settings as scenarios 1 and 2 (`synchronous_commit = off` for the latency run, a fresh topic \
+         every 5 s); the majors \
          run one after the other on the same machine.\n\n",
     );
     out
