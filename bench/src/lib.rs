@@ -294,11 +294,6 @@ fn instant_of_epoch_ms(ms: i64) -> Instant {
 }
 
 impl Clock {
-    /// As many events received as committed (the warm-up's check).
-    pub fn caught_up(&self) -> bool {
-        self.received.lock().unwrap().len() >= self.committed.lock().unwrap().len()
-    }
-
     /// Every committed event was received.
     pub fn all_received(&self) -> bool {
         let received = self.received.lock().unwrap();
@@ -376,36 +371,42 @@ impl Clock {
 /// every measured latency: 1 ms, instead of the harness's 5.
 pub const LATENCY_FETCH_WAIT_MS: &str = "1";
 
-/// The topics a steady run publishes to, a fresh one every [`TOPIC_PERIOD`], so that the
-/// broker's own latency stays flat for the whole run.
+/// The topics a steady run publishes to, a fresh one every period, so that the broker's own
+/// latency stays flat for the whole run.
 ///
 /// librdkafka's mock cluster finds a fetch's offset by walking the partition's log from its
 /// oldest message set (rdkafka_mock.c, `rd_kafka_mock_msgset_find`: "FIXME: Maintain an
 /// index"), and it keeps up to 5 MB per partition: on one long-lived topic every fetch costs more
 /// as the log grows, until the mock's thread is saturated. Measured here with a bare producer
 /// and no database, on one topic: p99 10.5, 21.7, 37.1 ms in three 10 s windows at 5,000/s; 16,
-/// 26, 36, 48, 49, 67 ms in six 30 s windows at 1,000/s. With a fresh topic every 5 s: 6.3, 7.3,
-/// 7.5 ms. A Kafka broker finds an offset through its offset index; a relay's latency is not
-/// a property of how long a topic has existed. Emitters and the consumer agree on the topic by
-/// the clock: topic `k` is the one for instants `start + k * TOPIC_PERIOD`.
+/// 26, 36, 48, 49, 67 ms in six 30 s windows at 1,000/s. With a fresh topic every 5 s at
+/// 5,000/s: 6.3, 7.3, 7.5 ms; every 30 s at 1,000/s: 5.5, 6.7, 5.0, 11.6, 6.0, 5.8 ms. A Kafka
+/// broker finds an offset through its offset index; a relay's latency is not a property of how
+/// long a topic has existed. The period is as long as the rate allows: every topic a producer
+/// knows costs its broker thread a look at each partition whenever it wakes. Emitters and the
+/// consumer agree on the topic by the clock: topic `k` is the one for instants
+/// `start + k * period`.
 #[derive(Clone)]
 pub struct Topics {
     prefix: String,
     count: u32,
+    period: Duration,
     partitions: i32,
     start: Instant,
 }
 
-/// How long a steady run publishes to one topic (see [`Topics`]).
-pub const TOPIC_PERIOD: Duration = Duration::from_secs(5);
+/// How long after its period a topic is still read (stragglers later than that count as not
+/// received).
+const TOPIC_READ_AFTER: Duration = Duration::from_secs(30);
 
 impl Topics {
-    /// Enough topics named `prefix.N` for a run that lasts up to `span` from now, each with
-    /// `partitions` partitions. An instant past the span stays on the last topic.
-    pub fn rotating(prefix: &str, span: Duration, partitions: i32) -> Topics {
+    /// Enough topics named `prefix.N`, one per `period`, for a run that lasts up to `span` from
+    /// now, each with `partitions` partitions. An instant past the span stays on the last topic.
+    pub fn rotating(prefix: &str, span: Duration, period: Duration, partitions: i32) -> Topics {
         Topics {
             prefix: prefix.to_string(),
-            count: (span.as_secs_f64() / TOPIC_PERIOD.as_secs_f64()).ceil() as u32 + 1,
+            count: (span.as_secs_f64() / period.as_secs_f64()).ceil() as u32 + 1,
+            period,
             partitions,
             start: Instant::now(),
         }
@@ -416,6 +417,7 @@ impl Topics {
         Topics {
             prefix: topic.to_string(),
             count: 1,
+            period: Duration::MAX,
             partitions,
             start: Instant::now(),
         }
@@ -427,8 +429,8 @@ impl Topics {
     }
 
     fn index_at(&self, at: Instant) -> u32 {
-        let k = (at.saturating_duration_since(self.start).as_secs_f64()
-            / TOPIC_PERIOD.as_secs_f64()) as u32;
+        let k = (at.saturating_duration_since(self.start).as_secs_f64() / self.period.as_secs_f64())
+            as u32;
         k.min(self.count - 1)
     }
 
@@ -480,8 +482,8 @@ impl Topics {
 
 /// Reads `topics` in a thread, stamping the receive instant of each `outbox-id`. It follows
 /// the rotation: the current topic and the next are assigned ahead of time (from their first
-/// message), and a topic is let go four periods after its own (20 s: anything later than that
-/// counts as not received).
+/// message), and a topic is let go 30 s after its period (anything later than that counts as
+/// not received).
 pub fn start_consumer(
     bootstrap: &str,
     topics: &Topics,
@@ -515,7 +517,9 @@ pub fn start_consumer(
                     .unwrap();
                 high = wanted_high;
             }
-            let wanted_low = now.saturating_sub(4);
+            let wanted_low = Instant::now()
+                .checked_sub(TOPIC_READ_AFTER)
+                .map_or(0, |then| topics.index_at(then));
             if wanted_low > low {
                 consumer
                     .incremental_unassign(&topics.partitions_of(low..wanted_low))

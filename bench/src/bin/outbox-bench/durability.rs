@@ -22,7 +22,12 @@ pub fn run(options: &Options) -> String {
     for sync in ["on", "off"] {
         let settings = [("fsync", "on"), ("synchronous_commit", sync)];
         let rate = versions::drain(events, &settings);
-        let topics = Topics::rotating(&format!("bench.durability.{sync}"), duration, 6);
+        let topics = Topics::rotating(
+            &format!("bench.durability.{sync}"),
+            duration,
+            Duration::from_secs(5),
+            6,
+        );
         let broker = Broker::mock(&topics.specs());
         let summary = latency::measure_latency(&broker, &topics, 500, duration, true, &settings);
         let [p50, p95, p99, max] = summary.cells();

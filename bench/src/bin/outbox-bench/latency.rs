@@ -38,7 +38,7 @@ pub fn run(options: &Options) -> String {
                 let topics = if system == BASELINE {
                     Topics::single(&prefix, 6)
                 } else {
-                    Topics::rotating(&prefix, duration, 6)
+                    Topics::rotating(&prefix, duration, Duration::from_secs(5), 6)
                 };
                 (rate, system, topics)
             })
@@ -48,11 +48,16 @@ pub fn run(options: &Options) -> String {
         .iter()
         .flat_map(|(_, _, topics)| topics.specs())
         .collect();
-    let brokers = [
-        wanted("BENCH_BROKERS", "mock").then(|| Broker::mock(&topics)),
-        wanted("BENCH_BROKERS", "tansu").then(|| Broker::tansu(&topics)),
-    ];
-    for broker in brokers.iter().flatten() {
+    // One broker at a time: the other does not idle on the machine meanwhile.
+    for name in ["mock", "tansu"] {
+        if !wanted("BENCH_BROKERS", name) {
+            continue;
+        }
+        let broker = &if name == "mock" {
+            Broker::mock(&topics)
+        } else {
+            Broker::tansu(&topics)
+        };
         for (rate, system, topics) in &runs {
             let (rate, system) = (*rate, *system);
             if !wanted("BENCH_SYSTEMS", system) {
@@ -121,7 +126,7 @@ fn measure_broker_floor(
         clock.clone(),
     );
     let to = Instant::now();
-    wait_until(Duration::from_secs(10), || clock.caught_up());
+    wait_until(Duration::from_secs(10), || clock.all_received());
     let end = Instant::now();
     stop.store(true, Ordering::Relaxed);
     consumer.join().unwrap();
@@ -174,7 +179,7 @@ pub fn measure_latency(
             clock.clone(),
             None,
         );
-        wait_until(Duration::from_secs(30), || clock.caught_up());
+        wait_until(Duration::from_secs(30), || clock.all_received());
         stop.store(true, Ordering::Relaxed);
         consumer.join().unwrap();
     }

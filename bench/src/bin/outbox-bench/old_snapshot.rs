@@ -66,7 +66,7 @@ pub fn run(options: &Options) -> String {
          commit until the receipts cover it, the best of three taken (one burst lasts half a second, and \
          single bursts on this shared machine differ by up to 1.5×); then, with or without an idle \
          REPEATABLE READ transaction opened, the steady rate for the given minutes, to a fresh topic \
-         every 5 s (see scenario 2; every topic used once before) (commit → consumer p99 \
+         every 30 s window (see scenario 2; every topic used once before) (commit → consumer p99 \
          per 30 s window, and the time of `SELECT * FROM outbox.status`, the exporter's query, each window); \
          three more bursts with the snapshot still open; then the snapshot closes and the rate runs 4 more \
          minutes, so that vacuum can reclaim what retention deleted meanwhile and new rows reuse the space. \
@@ -88,9 +88,9 @@ struct Run {
 impl Run {
     fn measure(minutes: u64, held: bool) -> Run {
         let duration = Duration::from_secs(minutes * 60);
-        // The steady rate moves to a fresh topic every 5 s (see `Topics`); the bursts and the
+        // The steady rate moves to a fresh topic every window (see `Topics`); the bursts and the
         // rate after the snapshot closed (not timed to a consumer) use one.
-        let topics = Topics::rotating(TOPIC, duration + Duration::from_secs(10), 6);
+        let topics = Topics::rotating(TOPIC, duration + Duration::from_secs(10), WINDOW, 6);
         let mut specs = topics.specs();
         specs.push((TOPIC.to_string(), 6));
         let broker = Broker::mock(&specs);

@@ -12,9 +12,9 @@ use crate::{cluster, Options};
 pub fn run(options: &Options) -> String {
     let minutes = if options.quick { 2 } else { 10 };
     let rate = 2000;
-    // A fresh topic every 5 s (see `Topics`), created and used once before the run.
+    // A fresh topic every 10 s (see `Topics`), created and used once before the run.
     let span = Duration::from_secs(minutes * 60 + 60);
-    let topics = Topics::rotating("bench.sustained", span, 6);
+    let topics = Topics::rotating("bench.sustained", span, Duration::from_secs(10), 6);
     let broker = Broker::mock(&topics.specs());
     let cluster = cluster(
         &broker.bootstrap(),
@@ -30,7 +30,7 @@ pub fn run(options: &Options) -> String {
     let consumer = start_consumer(&broker.bootstrap(), &topics, clock.clone(), stop.clone());
     std::thread::sleep(Duration::from_millis(800));
     let mut out = format!(
-        "## 4. Sustained: {rate} events/s for {minutes} min, `outbox.retention = 1min` (mock cluster, a fresh topic every 5 s)\n\n\
+        "## 4. Sustained: {rate} events/s for {minutes} min, `outbox.retention = 1min` (mock cluster, a fresh topic every 10 s)\n\n\
          | minute | outbox.events (indexes) + receipts | p99 latency | events |\n|---|---|---|---|\n"
     );
     let mut sizes = Vec::new();

@@ -33,7 +33,12 @@ pub fn run(options: &Options) -> String {
         std::env::set_var("OUTBOX_PG_BIN", server_bin(major));
         let version = server_version();
         let rate = drain(events, &[]);
-        let topics = Topics::rotating(&format!("{TOPIC}.{major}"), duration, 6);
+        let topics = Topics::rotating(
+            &format!("{TOPIC}.{major}"),
+            duration,
+            Duration::from_secs(5),
+            6,
+        );
         let broker = Broker::mock(&topics.specs());
         let summary = latency::measure_latency(&broker, &topics, 5000, duration, true, &[]);
         let [p50, p95, p99, max] = summary.cells();
