@@ -115,7 +115,8 @@ fn measure_broker_floor(
     // long as the worker.
     let producer = bare_producer(&broker.bootstrap());
     warm_up_producer(&producer, topics);
-    let (topics, clock, stop, consumer) = start_measuring(broker, topics);
+    let events = rate as usize * duration.as_secs() as usize;
+    let (topics, clock, stop, consumer) = start_measuring(broker, topics, events);
     let from = Instant::now();
     produce_at_rate(
         &producer,
@@ -183,7 +184,8 @@ pub fn measure_latency(
         stop.store(true, Ordering::Relaxed);
         consumer.join().unwrap();
     }
-    let (topics, clock, stop, consumer) = start_measuring(broker, topics);
+    let events = rate as usize * duration.as_secs() as usize;
+    let (topics, clock, stop, consumer) = start_measuring(broker, topics, events);
     let from = Instant::now();
     emit_at_rate(
         &cluster,
@@ -203,12 +205,13 @@ pub fn measure_latency(
     clock.summary(from, to, end)
 }
 
-/// Starts a consumer on `topics`, rotating from a second from now, and waits until the
-/// measured schedule can start (emitters begin 200 ms after they are called): the consumer has
-/// had the time to connect and fetch.
+/// Starts a consumer on `topics`, rotating from a second from now, with a clock for `events`
+/// events, and waits until the measured schedule can start (emitters begin 200 ms after they
+/// are called): the consumer has had the time to connect and fetch.
 fn start_measuring(
     broker: &Broker,
     topics: &Topics,
+    events: usize,
 ) -> (
     Topics,
     Arc<Clock>,
@@ -216,7 +219,7 @@ fn start_measuring(
     std::thread::JoinHandle<()>,
 ) {
     let topics = topics.starting_at(Instant::now() + Duration::from_secs(1));
-    let clock = Arc::new(Clock::default());
+    let clock = Arc::new(Clock::for_events(events));
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = start_consumer(&broker.bootstrap(), &topics, clock.clone(), stop.clone());
     if let Some(wait) =

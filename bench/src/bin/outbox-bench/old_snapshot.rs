@@ -116,7 +116,9 @@ impl Run {
         );
         warm_up_topics(&cluster, &statement, &topics);
         let topics = topics.starting_at(Instant::now() + Duration::from_secs(1));
-        let clock = Arc::new(Clock::default());
+        let clock = Arc::new(Clock::for_events(
+            (RATE as u64 * duration.as_secs()) as usize,
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let consumer = start_consumer(&broker.bootstrap(), &topics, clock.clone(), stop.clone());
         let windows = (duration.as_secs() / WINDOW.as_secs()) as u32;
@@ -171,7 +173,7 @@ impl Run {
                 RATE,
                 Duration::from_secs(120),
                 2,
-                Arc::new(Clock::default()),
+                Arc::new(Clock::for_events(RATE as usize * 120)),
                 Some(&after_topics),
             );
             after.push(Sizes::of(&mut db));

@@ -25,7 +25,7 @@ pub fn run(options: &Options) -> String {
     );
     warm_up_topics(&cluster, &statement, &topics);
     let topics = topics.starting_at(Instant::now() + Duration::from_secs(1));
-    let clock = Arc::new(Clock::default());
+    let clock = Arc::new(Clock::for_events(rate as usize * minutes as usize * 60));
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = start_consumer(&broker.bootstrap(), &topics, clock.clone(), stop.clone());
     std::thread::sleep(Duration::from_millis(800));
