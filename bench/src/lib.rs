@@ -311,12 +311,10 @@ fn instant_of_epoch_ms(ms: i64) -> Instant {
 impl Clock {
     /// Every committed event was received.
     pub fn all_received(&self) -> bool {
+        // Locks in the order summary() takes them.
+        let committed = self.committed.lock().unwrap();
         let received = self.received.lock().unwrap();
-        self.committed
-            .lock()
-            .unwrap()
-            .keys()
-            .all(|id| received.contains_key(id))
+        committed.keys().all(|id| received.contains_key(id))
     }
 
     /// Latencies of events committed in `[from, to)`; events not received are censored at `end`.
