@@ -486,10 +486,44 @@ impl Topics {
     pub fn first(&self) -> String {
         self.name(0)
     }
+}
 
-    /// The instant the first topic's period begins.
-    pub fn start(&self) -> Instant {
-        self.start
+/// A run's consumer and clock: reads the run's topics from a second before its schedule starts.
+pub struct Measurement {
+    /// The run's topics, rotating from the schedule's start.
+    pub topics: Topics,
+    pub clock: Arc<Clock>,
+    stop: Arc<AtomicBool>,
+    consumer: std::thread::JoinHandle<()>,
+}
+
+impl Measurement {
+    /// Starts a consumer on `topics`, rotating from a second from now, with a clock for
+    /// `events` events, and returns when the measured schedule can start (emitters begin 200 ms
+    /// after they are called): the consumer has had the time to connect and fetch.
+    pub fn start(bootstrap: &str, topics: &Topics, events: usize) -> Measurement {
+        let topics = topics.starting_at(Instant::now() + Duration::from_secs(1));
+        let clock = Arc::new(Clock::for_events(events));
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumer = start_consumer(bootstrap, &topics, clock.clone(), stop.clone());
+        if let Some(wait) =
+            (topics.start - Duration::from_millis(200)).checked_duration_since(Instant::now())
+        {
+            std::thread::sleep(wait);
+        }
+        Measurement {
+            topics,
+            clock,
+            stop,
+            consumer,
+        }
+    }
+
+    /// Stops the consumer; the clock, for the figures.
+    pub fn stop(self) -> Arc<Clock> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.consumer.join().unwrap();
+        self.clock
     }
 }
 
@@ -497,7 +531,7 @@ impl Topics {
 /// the rotation: the current topic and the next are assigned ahead of time (from their first
 /// message), and a topic is let go 30 s after its period (anything later than that counts as
 /// not received).
-pub fn start_consumer(
+fn start_consumer(
     bootstrap: &str,
     topics: &Topics,
     clock: Arc<Clock>,

@@ -2,8 +2,6 @@
 //! producer (the broker's own floor).
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_pg_bench::*;
@@ -116,22 +114,20 @@ fn measure_broker_floor(
     let producer = bare_producer(&broker.bootstrap());
     warm_up_producer(&producer, topics);
     let events = rate as usize * duration.as_secs() as usize;
-    let (topics, clock, stop, consumer) = start_measuring(broker, topics, events);
+    let run = Measurement::start(&broker.bootstrap(), topics, events);
     let from = Instant::now();
     produce_at_rate(
         &producer,
-        &topics,
+        &run.topics,
         "measured",
         rate,
         duration,
-        clock.clone(),
+        run.clock.clone(),
     );
     let to = Instant::now();
-    wait_until(Duration::from_secs(10), || clock.all_received());
+    wait_until(Duration::from_secs(10), || run.clock.all_received());
     let end = Instant::now();
-    stop.store(true, Ordering::Relaxed);
-    consumer.join().unwrap();
-    clock.summary(from, to, end)
+    run.stop().summary(from, to, end)
 }
 
 /// Commit → receive at `rate` for `duration`, through outbox_pg (or the baseline relay), on a
@@ -168,24 +164,21 @@ pub fn measure_latency(
     if outbox {
         warm_up_topics(&cluster, &statement, topics);
     } else {
-        let clock = Arc::new(Clock::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let consumer = start_consumer(&broker.bootstrap(), topics, clock.clone(), stop.clone());
+        let warm_up = Measurement::start(&broker.bootstrap(), topics, 100);
         emit_at_rate(
             &cluster,
             &statement,
             100,
             Duration::from_secs(1),
             1,
-            clock.clone(),
+            warm_up.clock.clone(),
             None,
         );
-        wait_until(Duration::from_secs(30), || clock.all_received());
-        stop.store(true, Ordering::Relaxed);
-        consumer.join().unwrap();
+        wait_until(Duration::from_secs(30), || warm_up.clock.all_received());
+        warm_up.stop();
     }
     let events = rate as usize * duration.as_secs() as usize;
-    let (topics, clock, stop, consumer) = start_measuring(broker, topics, events);
+    let run = Measurement::start(&broker.bootstrap(), topics, events);
     let from = Instant::now();
     emit_at_rate(
         &cluster,
@@ -193,39 +186,12 @@ pub fn measure_latency(
         rate,
         duration,
         connections,
-        clock.clone(),
-        outbox.then_some(&topics),
+        run.clock.clone(),
+        outbox.then_some(&run.topics),
     );
     let to = Instant::now();
     // Give stragglers up to 10 s.
-    wait_until(Duration::from_secs(10), || clock.all_received());
+    wait_until(Duration::from_secs(10), || run.clock.all_received());
     let end = Instant::now();
-    stop.store(true, Ordering::Relaxed);
-    consumer.join().unwrap();
-    clock.summary(from, to, end)
-}
-
-/// Starts a consumer on `topics`, rotating from a second from now, with a clock for `events`
-/// events, and waits until the measured schedule can start (emitters begin 200 ms after they
-/// are called): the consumer has had the time to connect and fetch.
-fn start_measuring(
-    broker: &Broker,
-    topics: &Topics,
-    events: usize,
-) -> (
-    Topics,
-    Arc<Clock>,
-    Arc<AtomicBool>,
-    std::thread::JoinHandle<()>,
-) {
-    let topics = topics.starting_at(Instant::now() + Duration::from_secs(1));
-    let clock = Arc::new(Clock::for_events(events));
-    let stop = Arc::new(AtomicBool::new(false));
-    let consumer = start_consumer(&broker.bootstrap(), &topics, clock.clone(), stop.clone());
-    if let Some(wait) =
-        (topics.start() - Duration::from_millis(200)).checked_duration_since(Instant::now())
-    {
-        std::thread::sleep(wait);
-    }
-    (topics, clock, stop, consumer)
+    run.stop().summary(from, to, end)
 }

@@ -4,7 +4,6 @@
 //! for them.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,29 +114,17 @@ impl Run {
             "SELECT outbox.emit('order.created', $1::text, '{PAYLOAD_LITERAL}', topic => $2)::text"
         );
         warm_up_topics(&cluster, &statement, &topics);
-        let topics = topics.starting_at(Instant::now() + Duration::from_secs(1));
-        let clock = Arc::new(Clock::for_events(
-            (RATE as u64 * duration.as_secs()) as usize,
-        ));
-        let stop = Arc::new(AtomicBool::new(false));
-        let consumer = start_consumer(&broker.bootstrap(), &topics, clock.clone(), stop.clone());
+        let events = (RATE as u64 * duration.as_secs()) as usize;
+        let run = Measurement::start(&broker.bootstrap(), &topics, events);
+        let (topics, clock) = (&run.topics, &run.clock);
         let windows = (duration.as_secs() / WINDOW.as_secs()) as u32;
         // emit_at_rate's schedule starts 200 ms after the call.
-        std::thread::sleep(Duration::from_millis(800));
         let load_start = Instant::now() + Duration::from_millis(200);
         let mut status = Vec::new();
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 let clock = clock.clone();
-                emit_at_rate(
-                    &cluster,
-                    &statement,
-                    RATE,
-                    duration,
-                    2,
-                    clock,
-                    Some(&topics),
-                )
+                emit_at_rate(&cluster, &statement, RATE, duration, 2, clock, Some(topics))
             });
             let mut monitor = cluster.connect();
             for window in 1..=windows {
@@ -152,8 +139,7 @@ impl Run {
         });
         wait_until(Duration::from_secs(10), || clock.all_received());
         let end = Instant::now();
-        stop.store(true, Ordering::Relaxed);
-        consumer.join().unwrap();
+        let clock = run.stop();
         let p99s = (0..windows)
             .map(|w| {
                 clock

@@ -1,8 +1,6 @@
 //! Scenario 4, sustained: a steady rate with a short retention; size and p99 every minute.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_pg_bench::*;
@@ -24,11 +22,12 @@ pub fn run(options: &Options) -> String {
         "SELECT outbox.emit('order.created', $1::text, '{PAYLOAD_LITERAL}', topic => $2)::text"
     );
     warm_up_topics(&cluster, &statement, &topics);
-    let topics = topics.starting_at(Instant::now() + Duration::from_secs(1));
-    let clock = Arc::new(Clock::for_events(rate as usize * minutes as usize * 60));
-    let stop = Arc::new(AtomicBool::new(false));
-    let consumer = start_consumer(&broker.bootstrap(), &topics, clock.clone(), stop.clone());
-    std::thread::sleep(Duration::from_millis(800));
+    let run = Measurement::start(
+        &broker.bootstrap(),
+        &topics,
+        rate as usize * minutes as usize * 60,
+    );
+    let (topics, clock) = (&run.topics, &run.clock);
     let mut out = format!(
         "## 4. Sustained: {rate} events/s for {minutes} min, `outbox.retention = 1min` (mock cluster, a fresh topic every 10 s)\n\n\
          | minute | outbox.events (indexes) + receipts | p99 latency | events |\n|---|---|---|---|\n"
@@ -45,7 +44,7 @@ pub fn run(options: &Options) -> String {
             Duration::from_secs(60),
             4,
             clock.clone(),
-            Some(&topics),
+            Some(topics),
         );
         let to = Instant::now();
         std::thread::sleep(Duration::from_millis(500));
@@ -67,8 +66,7 @@ pub fn run(options: &Options) -> String {
         sizes.push(total);
         p99s.push(summary.p99);
     }
-    stop.store(true, Ordering::Relaxed);
-    consumer.join().unwrap();
+    run.stop();
     let half = sizes.len() / 2;
     writeln!(
         out,
