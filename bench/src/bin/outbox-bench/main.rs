@@ -1,8 +1,10 @@
 //! `make bench`: outbox_pg side by side with the classic polling relay, on one machine, in one
 //! run. Prints a results table and writes it to bench/RESULTS.md.
 //!
-//! `outbox-bench [--quick] [--hour] [drain] [latency] [emit] [sustained] [old-snapshot] [versions] [durability]`
-//! (every scenario by default; `--hour` adds the hour-long old-snapshot run).
+//! `outbox-bench [--quick] [--minutes=4,20] [--report=PATH] [drain] [latency] [emit] [sustained]
+//! [old-snapshot] [versions] [durability]`: every scenario by default; `--minutes` sets how long
+//! the old-snapshot runs hold their snapshot (`make bench-hour`: 60). Only a full run rewrites
+//! bench/RESULTS.md; `--report` writes any run's report to PATH.
 
 mod drain;
 mod durability;
@@ -22,15 +24,24 @@ type Scenario = fn(&Options) -> String;
 
 pub struct Options {
     pub quick: bool,
-    pub hour: bool,
+    /// How long each old-snapshot run lasts; the runs without a snapshot only up to 20.
+    pub minutes: Vec<u64>,
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let options = Options {
-        quick: args.iter().any(|a| a == "--quick"),
-        hour: args.iter().any(|a| a == "--hour"),
+    let quick = args.iter().any(|a| a == "--quick");
+    let value = |name: &str| args.iter().find_map(|a| a.strip_prefix(name));
+    let minutes = match value("--minutes=") {
+        Some(list) => list
+            .split(',')
+            .map(|m| m.parse().expect("--minutes=N[,N...]: whole minutes"))
+            .collect(),
+        None if quick => vec![1],
+        None => vec![4, 20],
     };
+    let options = Options { quick, minutes };
+    let report_to = value("--report=");
     let wanted: Vec<&str> = args
         .iter()
         .filter(|a| !a.starts_with("--"))
@@ -42,17 +53,11 @@ fn main() {
     writeln!(report, "# outbox_pg benchmark results\n").unwrap();
     writeln!(
         report,
-        "Machine: {}. PostgreSQL {} (scenario 6: the majors it names), one run of `make bench{}`.\n",
+        "Machine: {}. PostgreSQL {} (scenario 6: the majors it names), one run of `outbox-bench{}` at {}.\n",
         machine(),
         server_version(),
-        [
-            (options.quick, " BENCH_ARGS=--quick"),
-            (options.hour, " BENCH_ARGS=--hour")
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, label)| *label)
-        .collect::<String>()
+        args.iter().map(|a| format!(" {a}")).collect::<String>(),
+        commit()
     )
     .unwrap();
     let scenarios: [(&str, Scenario); 7] = [
@@ -72,9 +77,30 @@ fn main() {
         }
     }
     println!("\n{report}");
-    if !options.quick && wanted.is_empty() {
+    if let Some(path) = report_to {
+        std::fs::write(path, &report).unwrap();
+        println!("written to {path}");
+    } else if !options.quick && wanted.is_empty() {
         std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md"), &report).unwrap();
         println!("written to bench/RESULTS.md");
+    }
+}
+
+/// The commit measured, marked when the work tree differs from it.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]);
+    if git(&["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+        format!("commit {head}")
+    } else {
+        format!("commit {head} with local changes")
     }
 }
 
