@@ -139,6 +139,8 @@ demo: install
 # Scenario 6 compares the majors in BENCH_VERSIONS (default 15,17), each installed here first.
 BENCH_VERSIONS ?= 15,17
 export BENCH_VERSIONS
+# The commit the report names: taken when make starts, before it builds and installs.
+export BENCH_COMMIT := $(shell git describe --always --dirty 2>/dev/null)
 bench: install
 	for v in $(subst $(comma), ,$(BENCH_VERSIONS)); do [ "$$v" = "$(PG)" ] || $(MAKE) install PG=$$v; done
 	cargo build --release -p outbox_pg_bench

@@ -708,13 +708,27 @@ pub fn machine() -> String {
     format!("{cores} cores ({cpu}), {} GiB RAM", mem_kb / 1024 / 1024)
 }
 
-/// A librdkafka producer with the settings outbox_pg uses by default.
+/// BENCH_PRODUCER_SETTINGS="name=value,name=value" (the syntax of `outbox.kafka_config`):
+/// librdkafka properties the bare producer takes on top of outbox_pg's defaults, when
+/// investigating. Give the worker the same with
+/// BENCH_PG_SETTINGS="outbox.kafka_config=name=value,name=value" to compare like with like.
+pub fn investigation_producer_settings() -> Vec<(String, String)> {
+    let text = std::env::var("BENCH_PRODUCER_SETTINGS").unwrap_or_default();
+    outbox_pg_core::validate::kafka_properties(&text)
+        .unwrap_or_else(|e| panic!("BENCH_PRODUCER_SETTINGS: {e}"))
+}
+
+/// A librdkafka producer with the settings outbox_pg uses by default (and
+/// [`investigation_producer_settings`]).
 pub fn bare_producer(
     bootstrap: &str,
 ) -> rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
     let mut config = rdkafka::ClientConfig::new();
     for (key, value) in outbox_pg_core::producer::DEFAULT_PROPERTIES {
         config.set(*key, *value);
+    }
+    for (key, value) in investigation_producer_settings() {
+        config.set(key, value);
     }
     config
         .set("bootstrap.servers", bootstrap)
