@@ -2,9 +2,10 @@
 //! run. Prints a results table; a full run with the default durations and no `BENCH_*`
 //! investigation settings writes it to bench/RESULTS.md.
 //!
-//! `outbox-bench [--quick] [--minutes=4,20] [--report=PATH] [drain] [latency] [emit] [sustained]
-//! [old-snapshot] [versions] [durability]`: every scenario by default; `--minutes` sets how long
-//! each old-snapshot run lasts (runs over 20 minutes are held only; `make bench-hour`: 60);
+//! `outbox-bench [--quick] [--minutes=4,20] [--after=4] [--report=PATH] [drain] [latency] [emit]
+//! [sustained] [old-snapshot] [versions] [durability]`: every scenario by default; `--minutes`
+//! sets how long each old-snapshot run lasts (runs over 20 minutes are held only; `make
+//! bench-hour`: 60), `--after` how long it goes on once the snapshot closed;
 //! `--report` writes the report to PATH instead (checked before anything runs).
 
 mod drain;
@@ -33,13 +34,16 @@ const SCENARIOS: [(&str, Scenario); 7] = [
     ("durability", durability::run),
 ];
 
-/// The old-snapshot durations of a full run.
+/// The old-snapshot durations of a full run, and how long it goes on after the snapshot.
 const DEFAULT_MINUTES: [u64; 2] = [4, 20];
+const DEFAULT_AFTER: u64 = 4;
 
 pub struct Options {
     pub quick: bool,
     /// How long each old-snapshot run lasts; a run without a snapshot beside it only up to 20.
     pub minutes: Vec<u64>,
+    /// How long the old-snapshot runs go on after the snapshot closed (sizes every 2 minutes).
+    pub after: u64,
 }
 
 /// What the command line asks for; every mistake is refused before anything runs, since a
@@ -56,6 +60,7 @@ impl Command {
             options: Options {
                 quick: false,
                 minutes: Vec::new(),
+                after: DEFAULT_AFTER,
             },
             report_to: None,
             wanted: Vec::new(),
@@ -69,6 +74,13 @@ impl Command {
                     .map(|m| m.trim().parse::<u64>().ok().filter(|&m| m >= 1))
                     .collect::<Option<_>>()
                     .ok_or("--minutes=N[,N...]: whole minutes, at least 1")?;
+            } else if let Some(after) = arg.strip_prefix("--after=") {
+                command.options.after = after
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&m| m >= 2 && m % 2 == 0)
+                    .ok_or("--after=N: whole minutes, even, at least 2")?;
             } else if let Some(path) = arg.strip_prefix("--report=") {
                 if path.is_empty() {
                     return Err("--report=PATH: a file to write".into());
@@ -98,6 +110,7 @@ impl Command {
         let full = !self.options.quick
             && self.wanted.is_empty()
             && self.options.minutes == DEFAULT_MINUTES
+            && self.options.after == DEFAULT_AFTER
             && !investigating;
         full.then(|| concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md").into())
     }

@@ -21,15 +21,15 @@ pub fn run(options: &Options) -> String {
     let mut out = format!(
         "## 5. Old snapshot: {RATE} single-event transactions/s (mock cluster, `synchronous_commit = off`, \
          `outbox.retention = 1min`)\n\n\
-         | minutes | open snapshot | burst drain before | burst drain after | p99 per 30 s window | last window p99 | `outbox.status` first / last window | sizes before / at the end / 2 and 4 min after the snapshot closed |\n\
+         | minutes | open snapshot | burst drain before | burst drain after | p99 per 30 s window | last window p99 | `outbox.status` first / last window | sizes before / at the end / after the snapshot closed, every 2 min |\n\
          |---|---|---|---|---|---|---|---|\n"
     );
     let mut verdicts = String::new();
     for &minutes in &options.minutes {
         // Runs longer than 20 minutes are held only: compared with their own bursts before the
         // snapshot opened.
-        let fresh = (minutes <= 20).then(|| Run::measure(minutes, false));
-        let held = Run::measure(minutes, true);
+        let fresh = (minutes <= 20).then(|| Run::measure(minutes, false, options.after));
+        let held = Run::measure(minutes, true, options.after);
         for run in fresh.iter().chain([&held]) {
             writeln!(out, "{}", run.row()).unwrap();
         }
@@ -62,17 +62,18 @@ pub fn run(options: &Options) -> String {
     }
     out.push('\n');
     out.push_str(&verdicts);
-    out.push_str(
+    let after = options.after;
+    out.push_str(&format!(
         "\nEach run: a fresh cluster; 50,000-event bursts (one transaction each) drained, each timed from its \
          commit until the receipts cover it, the best of three taken (one burst lasts half a second, and \
          single bursts on this shared machine differ by up to 1.5×); then, with or without an idle \
          REPEATABLE READ transaction opened, the steady rate for the given minutes, to a fresh topic \
          every 30 s window (see scenario 2; every topic used once before) (commit → consumer p99 \
          per 30 s window, and the time of `SELECT * FROM outbox.status`, the exporter's query, each window); \
-         three more bursts with the snapshot still open; then the snapshot closes and the rate runs 4 more \
+         three more bursts with the snapshot still open; then the snapshot closes and the rate runs {after} more \
          minutes, so that vacuum can reclaim what retention deleted meanwhile and new rows reuse the space. \
          Sizes: outbox.events with its indexes, and the receipts.\n\n",
-    );
+    ));
     out
 }
 
@@ -85,11 +86,15 @@ struct Run {
     /// p99 over each 10 minutes (the last part may be shorter).
     p99_per_ten: Vec<Duration>,
     status: Vec<Duration>,
-    sizes: [Sizes; 4],
+    before: Sizes,
+    /// When the snapshot closed.
+    end: Sizes,
+    /// Every 2 minutes after it closed.
+    after: Vec<Sizes>,
 }
 
 impl Run {
-    fn measure(minutes: u64, held: bool) -> Run {
+    fn measure(minutes: u64, held: bool, after_minutes: u64) -> Run {
         let duration = Duration::from_secs(minutes * 60);
         // The steady rate moves to a fresh topic every window (see `Topics`); the bursts and the
         // rate after the snapshot closed (not timed to a consumer) use one.
@@ -163,7 +168,7 @@ impl Run {
         drop(holder);
         let mut after = Vec::new();
         let after_topics = Topics::single(TOPIC, 6);
-        for _ in 0..2 {
+        for _ in 0..after_minutes / 2 {
             emit_at_rate(
                 &cluster,
                 &statement,
@@ -183,7 +188,9 @@ impl Run {
             p99s,
             p99_per_ten,
             status,
-            sizes: [before, during, after[0], after[1]],
+            before,
+            end: during,
+            after,
         };
         println!("old snapshot: {}", run.row());
         run
@@ -192,7 +199,7 @@ impl Run {
     fn row(&self) -> String {
         let p99s: Vec<String> = self.p99s.iter().map(|d| ms(*d)).collect();
         format!(
-            "| {} | {} | {:.0} ev/s | {:.0} ev/s | {} | {} | {} / {} | {} / {} / {} / {} |",
+            "| {} | {} | {:.0} ev/s | {:.0} ev/s | {} | {} | {} / {} | {} / {} / {} |",
             self.minutes,
             if self.held { "yes" } else { "no" },
             self.burst_before,
@@ -201,10 +208,13 @@ impl Run {
             ms(*self.p99s.last().unwrap()),
             ms(self.status[0]),
             ms(*self.status.last().unwrap()),
-            self.sizes[0].cell(),
-            self.sizes[1].cell(),
-            self.sizes[2].cell(),
-            self.sizes[3].cell()
+            self.before.cell(),
+            self.end.cell(),
+            self.after
+                .iter()
+                .map(Sizes::cell)
+                .collect::<Vec<_>>()
+                .join(" / ")
         )
     }
 }
