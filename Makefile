@@ -135,7 +135,7 @@ demo: install
 # outbox_pg against the classic polling relay, one machine, one run (about 1 h 50 min);
 # prints the results table and writes bench/RESULTS.md. `make bench BENCH_ARGS=--quick` for a smoke run.
 # `make bench-hour`: the old-snapshot scenario with a snapshot held an hour, then 20 minutes
-# after it closed (about 90 min), written to bench/RESULTS-hour.md.
+# after it closed (about 80 min), written to bench/RESULTS-hour.md.
 # Scenario 6 compares the majors in BENCH_VERSIONS (default 15,17), each installed here first.
 BENCH_VERSIONS ?= 15,17
 export BENCH_VERSIONS

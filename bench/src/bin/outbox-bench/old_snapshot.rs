@@ -87,7 +87,7 @@ struct Run {
     p99_per_ten: Vec<Duration>,
     status: Vec<Duration>,
     before: Sizes,
-    /// When the snapshot closed.
+    /// At the end of the steady rate (the bursts after it still run with the snapshot open).
     end: Sizes,
     /// Every 2 minutes after it closed.
     after: Vec<Sizes>,
