@@ -21,7 +21,7 @@ pub fn run(options: &Options) -> String {
     let mut out = format!(
         "## 5. Old snapshot: {RATE} single-event transactions/s (mock cluster, `synchronous_commit = off`, \
          `outbox.retention = 1min`)\n\n\
-         | minutes | open snapshot | burst drain before | burst drain after | p99 per 30 s window | last window p99 | `outbox.status` first / last window | sizes before / at the end / after the snapshot closed, every 2 min |\n\
+         | minutes | open snapshot | burst drain before | burst drain after | p99 per 30 s window | last window p99 | `outbox.status` first / last window | sizes before / at the end of the rate / after the snapshot closed, every 2 min |\n\
          |---|---|---|---|---|---|---|---|\n"
     );
     let mut verdicts = String::new();
