@@ -274,26 +274,11 @@ pub fn ms(d: Duration) -> String {
 
 /// Commit instants (by event id) and receive instants, filled by emitters and a consumer; and
 /// when each received message was handed to its producer (its Kafka timestamp).
-#[derive(Default)]
+/// Built by [`Clock::for_events`] only (no `Default`): a map that grows mid-run stalls the run.
 pub struct Clock {
     pub committed: Mutex<HashMap<String, Instant>>,
     pub received: Mutex<HashMap<String, Instant>>,
     pub produced: Mutex<HashMap<String, Instant>>,
-}
-
-impl Clock {
-    /// A clock with room for `events` events. A map that grows doubles under its lock: at
-    /// 917,504 ids one such move took half a second here, stalling the emitters and the consumer
-    /// in the middle of a measurement (the sustained scenario's minute 8 had p99 266 and 401 ms
-    /// in two runs).
-    pub fn for_events(events: usize) -> Clock {
-        let map = || Mutex::new(HashMap::with_capacity(events + events / 8 + 1024));
-        Clock {
-            committed: map(),
-            received: map(),
-            produced: map(),
-        }
-    }
 }
 
 /// The monotonic instant of a wall-clock time in milliseconds since the Unix epoch.
@@ -309,6 +294,19 @@ fn instant_of_epoch_ms(ms: i64) -> Instant {
 }
 
 impl Clock {
+    /// A clock with room for `events` events. A map that grows doubles under its lock: at
+    /// 917,504 ids one such move took half a second here, stalling the emitters and the consumer
+    /// in the middle of a measurement (the sustained scenario's minute 8 had p99 266 and 401 ms
+    /// in two runs).
+    pub fn for_events(events: usize) -> Clock {
+        let map = || Mutex::new(HashMap::with_capacity(events + events / 8 + 1024));
+        Clock {
+            committed: map(),
+            received: map(),
+            produced: map(),
+        }
+    }
+
     /// Every committed event was received.
     pub fn all_received(&self) -> bool {
         // Locks in the order summary() takes them.
