@@ -1137,14 +1137,4 @@ mod tests {
             "SELECT count(*) = 1 FROM outbox.events WHERE public.tenant(payload) = 'acme'"
         ));
     }
-
-    #[pg_test]
-    fn emit_works_after_the_extension_is_dropped_and_created_again() {
-        emit("before");
-        Spi::run("DROP EXTENSION outbox_pg CASCADE; CREATE EXTENSION outbox_pg;").unwrap();
-        let id = emit("after");
-        assert!(holds(&format!(
-            "SELECT count(*) = 1 FROM outbox.events WHERE id = '{id}'"
-        )));
-    }
 }

@@ -301,6 +301,52 @@ fn worker_waits_for_its_database_and_extension_without_crash_looping() {
     );
 }
 
+/// The same session emits before and after the extension is dropped and created again: the
+/// emit path's cached view of the table is forgotten, and the worker publishes what the new
+/// extension holds. (Its own cluster: DROP EXTENSION beside other tests' transactions deadlocks.)
+#[test]
+fn emit_works_and_publishes_after_the_extension_is_dropped_and_created_again() {
+    let tansu = Tansu::start();
+    tansu.create_topic("order.created", 1);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[("outbox.poll_interval", "200ms")]);
+    let mut db = cluster.connect();
+    db.batch_execute("SELECT outbox.emit('order.created', 'before', '{}')")
+        .unwrap();
+    assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+    db.batch_execute(
+        "DROP EXTENSION outbox_pg CASCADE;
+         CREATE EXTENSION outbox_pg;",
+    )
+    .unwrap();
+    let id: String = db
+        .query_one(
+            "SELECT outbox.emit('order.created', 'after', '{}')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let stored: i64 = db
+        .query_one(
+            "SELECT count(*) FROM outbox.events WHERE id::text = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 1, "the new table holds the event");
+    assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+    let received =
+        TopicReader::new(&tansu.bootstrap(), &["order.created"]).read(2, PUBLISH_TIMEOUT);
+    assert_eq!(
+        received.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+        ["before", "after"]
+    );
+    assert_eq!(
+        received[1].header("outbox-id"),
+        id,
+        "the event of the new extension"
+    );
+}
+
 #[test]
 fn worker_is_visible_to_operators_and_restarted_after_termination() {
     let tansu = Tansu::start();
