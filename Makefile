@@ -65,11 +65,13 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-# #[pg_test]s and unit tests, in a throwaway cluster run as the postgres OS user.
+# #[pg_test]s and unit tests, in a throwaway cluster run as the postgres OS user. One test at a
+# time: several take ACCESS EXCLUSIVE on outbox.events (ALTER TABLE, CREATE INDEX), which can
+# deadlock beside another test's transaction in the same database.
 pgtest: deps
 	$(SUDO) mkdir -p $(PGTEST_DIR)
 	$(SUDO) chown postgres $(PGTEST_DIR)
-	cargo pgrx test pg$(PG) --runas postgres --pgdata $(PGTEST_DIR)/data
+	RUST_TEST_THREADS=1 cargo pgrx test pg$(PG) --runas postgres --pgdata $(PGTEST_DIR)/data
 
 # End-to-end tests: clusters with the extension preloaded, Tansu and librdkafka's mock cluster.
 E2E_TESTS := publishing failures configuration operations ecosystem bad_input security durability copies_and_freezes lifecycle gap_free docs_examples
