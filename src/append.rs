@@ -1137,4 +1137,17 @@ mod tests {
             "SELECT count(*) = 1 FROM outbox.events WHERE public.tenant(payload) = 'acme'"
         ));
     }
+
+    /// Within one transaction, so the emit path's cached view of the table must be forgotten
+    /// mid-transaction. (make pgtest runs the tests one at a time: DROP EXTENSION beside another
+    /// test's transaction deadlocks.)
+    #[pg_test]
+    fn emit_works_after_the_extension_is_dropped_and_created_again() {
+        emit("before");
+        Spi::run("DROP EXTENSION outbox_pg CASCADE; CREATE EXTENSION outbox_pg;").unwrap();
+        let id = emit("after");
+        assert!(holds(&format!(
+            "SELECT count(*) = 1 FROM outbox.events WHERE id = '{id}'"
+        )));
+    }
 }

@@ -302,17 +302,18 @@ fn worker_waits_for_its_database_and_extension_without_crash_looping() {
 }
 
 /// The same session emits before and after the extension is dropped and created again: the
-/// emit path's cached view of the table is forgotten, and the worker publishes what the new
-/// extension holds. (Its own cluster: DROP EXTENSION beside other tests' transactions deadlocks.)
+/// emit path's cached view of the table is forgotten, and the worker, which lives on, publishes
+/// what the new extension holds. (The same within one transaction is a #[pg_test] in append.rs.)
 #[test]
 fn emit_works_and_publishes_after_the_extension_is_dropped_and_created_again() {
     let tansu = Tansu::start();
     tansu.create_topic("order.created", 1);
-    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[("outbox.poll_interval", "200ms")]);
+    let cluster = PgCluster::with_outbox(&tansu.bootstrap(), &[]);
     let mut db = cluster.connect();
     db.batch_execute("SELECT outbox.emit('order.created', 'before', '{}')")
         .unwrap();
     assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
+    let worker = cluster.worker_pid("postgres").expect("a worker");
     db.batch_execute(
         "DROP EXTENSION outbox_pg CASCADE;
          CREATE EXTENSION outbox_pg;",
@@ -334,16 +335,22 @@ fn emit_works_and_publishes_after_the_extension_is_dropped_and_created_again() {
         .get(0);
     assert_eq!(stored, 1, "the new table holds the event");
     assert!(wait_until_published(&mut db, PUBLISH_TIMEOUT));
-    let received =
-        TopicReader::new(&tansu.bootstrap(), &["order.created"]).read(2, PUBLISH_TIMEOUT);
+    let received = TopicReader::new(&tansu.bootstrap(), &["order.created"])
+        .read_all(Duration::from_secs(3), PUBLISH_TIMEOUT);
     assert_eq!(
         received.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
-        ["before", "after"]
+        ["before", "after"],
+        "each event once, in order"
     );
     assert_eq!(
         received[1].header("outbox-id"),
         id,
         "the event of the new extension"
+    );
+    assert_eq!(
+        cluster.worker_pid("postgres"),
+        Some(worker),
+        "the worker lived on"
     );
 }
 

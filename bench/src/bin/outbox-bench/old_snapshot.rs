@@ -28,7 +28,11 @@ pub fn run(options: &Options) -> String {
     for &minutes in &options.minutes {
         // Runs longer than 20 minutes are held only: compared with their own bursts before the
         // snapshot opened.
-        let held: &[bool] = if minutes <= 20 { &[false, true] } else { &[true] };
+        let held: &[bool] = if minutes <= 20 {
+            &[false, true]
+        } else {
+            &[true]
+        };
         let runs = side_by_side(minutes, held, options.after);
         for run in &runs {
             writeln!(out, "{}", run.row()).unwrap();
@@ -45,8 +49,8 @@ pub fn run(options: &Options) -> String {
                 verdicts,
                 "- {minutes} min: burst drain with the snapshot held {:.2}× the run without it \
                  (medians of {BURSTS}; each held burst over the one beside it in time: {}); before \
-                 the snapshot opened, the same two clusters measured {:.2}×. Last-window p99 {} \
-                 (without: {}).",
+                 the snapshot opened, with no snapshot in either, the same two clusters measured \
+                 {:.2}×. Last-window p99 {} (without: {}).",
                 median(&held.bursts_after) / median(&fresh.bursts_after),
                 beside.join(", "),
                 median(&held.bursts_before) / median(&fresh.bursts_before),
@@ -58,7 +62,8 @@ pub fn run(options: &Options) -> String {
             writeln!(
                 verdicts,
                 "- {minutes} min, held only (no run without a snapshot beside it): bursts after / \
-                 before the snapshot {:.2}× (medians of {BURSTS}); last-window p99 {}; highest \
+                 before the snapshot {:.2}× (medians of {BURSTS}; runs without a snapshot drift \
+                 between their before and after bursts too); last-window p99 {}; highest \
                  window p99 {}; p99 over each 10 minutes {}; slowest `outbox.status` in each 10 \
                  minutes {}.",
                 median(&held.bursts_after) / median(&held.bursts_before),
@@ -76,26 +81,38 @@ pub fn run(options: &Options) -> String {
     out.push_str(&format!(
         "\nEach run: a fresh cluster with its own mock broker; {BURSTS} bursts of 50,000 events (one \
          transaction each) drained, each timed from its commit until the receipts cover it (single \
-         bursts on this shared machine differ by up to 1.5×); then, with or without an idle \
-         REPEATABLE READ transaction opened, the steady rate for the given minutes, to a fresh topic \
-         every 30 s window (see scenario 2; every topic used once before) (commit → consumer p99 \
-         per 30 s window, and the time of `SELECT * FROM outbox.status`, the exporter's query, each window); \
-         {BURSTS} more bursts with the snapshot still open; then the snapshot closes and the rate runs {after} more \
-         minutes, so that vacuum can reclaim what retention deleted meanwhile and new rows reuse the space. \
-         Sizes: outbox.events with its indexes, and the receipts. The runs with and without the snapshot \
-         run side by side on the same two cores, so that the machine's changing load falls on both: \
-         their steady rates at the same time (each cluster's p99 includes the other's load), their \
-         bursts taking turns while the other cluster idles (without, held, held, without, …). The drain \
-         columns give the median of the {BURSTS} bursts and their range.\n\n",
+         bursts on this shared machine differ by up to 1.5×), the drain columns giving their median \
+         and range; then, with or without an idle REPEATABLE READ transaction opened, the steady \
+         rate for the given minutes, to a fresh topic every 30 s window (see scenario 2; every topic \
+         used once before) (commit → consumer p99 per 30 s window, and the time of `SELECT * FROM \
+         outbox.status`, the exporter's query, each window); {BURSTS} more bursts with the snapshot \
+         still open; then the snapshot closes and the rate runs {} more minutes, so that vacuum can \
+         reclaim what retention deleted meanwhile and new rows reuse the space. Sizes: outbox.events \
+         with its indexes, and the receipts.",
+        after / 2 * 2
     ));
+    if options.minutes.iter().any(|&m| m <= 20) {
+        out.push_str(&format!(
+            " The run with the snapshot and the one without it are measured side by side, one \
+             turn at a time while the other cluster has nothing left to publish (its retention, \
+             autovacuum and idle worker still run): their bursts before the snapshot alternate \
+             (without, held, held, without, …), their steady rates go one after the other (without \
+             first, so that the held run's bursts follow its rate at once), and their bursts after \
+             alternate again (held, without, without, held, …), each run going first {} times in \
+             each phase. So the machine's changing load falls on both. The rates after the snapshot \
+             closed, which only measure sizes, run together.",
+            BURSTS / 2
+        ));
+    }
+    out.push_str("\n\n");
     out
 }
 
-/// Bursts in each phase of a run, before the snapshot and after the steady rate.
-const BURSTS: usize = 5;
+/// Bursts in each phase of a run: even, so that in a pair each run goes first equally often.
+const BURSTS: usize = 6;
 
-/// Measures runs side by side (index 0 without the snapshot, then held): their phases start
-/// together and their bursts take turns, so that time-varying load on the machine falls on both.
+/// Measures runs side by side (index 0 without the snapshot, then held), on one turn at a time
+/// (see `Meeting`), so that time-varying load on the machine falls on both.
 fn side_by_side(minutes: u64, held: &[bool], after_minutes: u64) -> Vec<Run> {
     // Started one after the other: each picks free ports.
     let stands: Vec<Stand> = held.iter().map(|_| Stand::new(minutes)).collect();
@@ -145,41 +162,46 @@ impl Stand {
     }
 }
 
-/// Where side-by-side runs meet: phases start when every run is there, bursts go in turn
-/// (without, held, held, without, … so that neither always goes first).
+/// Where side-by-side runs meet. Everything measured goes one turn at a time, while the other
+/// runs wait with nothing left to publish: the bursts before the snapshot (0, 1, 1, 0, …), the
+/// steady rates one after the other (the one without the snapshot first, so that the held
+/// one's bursts follow its rate at once, as in a run of its own), the bursts after (1, 0, 0,
+/// 1, …). Then the rates after the snapshot closed, which only measure sizes, run together.
 struct Meeting {
     runs: usize,
-    /// The run whose burst is next, turn by turn: the before phase, then the after phase.
+    /// Whose turn it is, turn by turn.
     order: Vec<usize>,
     state: Mutex<MeetingState>,
     changed: Condvar,
 }
 
 struct MeetingState {
-    arrived: usize,
-    phase: usize,
     turn: usize,
+    arrived: usize,
     /// A run panicked: the others stop waiting for it.
     failed: bool,
 }
 
 impl Meeting {
     fn new(runs: usize) -> Meeting {
-        let round = |r: usize| -> Vec<usize> {
-            if r.is_multiple_of(2) {
-                (0..runs).collect()
-            } else {
-                (0..runs).rev().collect()
-            }
+        let forward: Vec<usize> = (0..runs).collect();
+        let backward: Vec<usize> = (0..runs).rev().collect();
+        let bursts = |first: &Vec<usize>, second: &Vec<usize>| -> Vec<usize> {
+            (0..BURSTS)
+                .flat_map(|r| if r.is_multiple_of(2) { first } else { second }.clone())
+                .collect()
         };
-        let phase: Vec<usize> = (0..BURSTS).flat_map(round).collect();
         Meeting {
             runs,
-            order: [phase.clone(), phase].concat(),
+            order: [
+                bursts(&forward, &backward),
+                forward.clone(),
+                bursts(&backward, &forward),
+            ]
+            .concat(),
             state: Mutex::new(MeetingState {
-                arrived: 0,
-                phase: 0,
                 turn: 0,
+                arrived: 0,
                 failed: false,
             }),
             changed: Condvar::new(),
@@ -190,38 +212,42 @@ impl Meeting {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Returns once every run has arrived here.
-    fn all_here(&self) {
+    /// Waits for `run`'s next turn, takes it with `step`, and passes the turn on.
+    fn in_turn<T>(&self, run: usize, step: impl FnOnce() -> T) -> T {
         let mut state = self.state();
-        let phase = state.phase;
-        state.arrived += 1;
-        if state.arrived == self.runs {
-            state.arrived = 0;
-            state.phase += 1;
-            self.changed.notify_all();
-        }
-        while state.phase == phase && !state.failed {
-            state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        while self.order[state.turn] != run && !state.failed {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         assert!(!state.failed, "the run beside this one failed");
+        drop(state);
+        let value = step();
+        self.state().turn += 1;
+        self.changed.notify_all();
+        value
     }
 
-    /// Run `run`'s bursts of one phase, each in its turn: events per second.
+    /// `run`'s bursts of one phase, each in its turn: events per second.
     fn bursts(&self, run: usize, db: &mut postgres::Client) -> Vec<f64> {
         (0..BURSTS)
-            .map(|_| {
-                let mut state = self.state();
-                while self.order[state.turn] != run && !state.failed {
-                    state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
-                }
-                assert!(!state.failed, "the run beside this one failed");
-                drop(state);
-                let rate = one_burst(db);
-                self.state().turn += 1;
-                self.changed.notify_all();
-                rate
-            })
+            .map(|_| self.in_turn(run, || one_burst(db)))
             .collect()
+    }
+
+    /// Returns once every run has taken all its turns.
+    fn all_done(&self) {
+        let mut state = self.state();
+        state.arrived += 1;
+        self.changed.notify_all();
+        while state.arrived < self.runs && !state.failed {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        assert!(!state.failed, "the run beside this one failed");
     }
 }
 
@@ -262,31 +288,104 @@ impl Run {
         after_minutes: u64,
         meeting: &Meeting,
     ) -> Run {
+        let cluster = &stand.cluster;
+        let duration = Duration::from_secs(minutes * 60);
+        let mut db = cluster.connect();
+        let bursts_before = meeting.bursts(index, &mut db);
+        let before = Sizes::of(&mut db);
+        let statement = format!(
+            "SELECT outbox.emit('order.created', $1::text, '{PAYLOAD_LITERAL}', topic => $2)::text"
+        );
+        let (holder, steady) = meeting.in_turn(index, || {
+            let holder = held.then(|| {
+                let mut holder = cluster.connect();
+                holder
+                    .batch_execute(
+                        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM outbox.events",
+                    )
+                    .unwrap();
+                holder
+            });
+            let steady = Steady::measure(stand, &statement, duration);
+            // Its backlog is drained before anyone's burst is timed.
+            assert!(wait_until(Duration::from_secs(120), || count_pending(
+                &mut db
+            ) == 0));
+            (holder, steady)
+        });
+        let during = Sizes::of(&mut db);
+        let bursts_after = meeting.bursts(index, &mut db);
+        drop(holder);
+        meeting.all_done();
+        let mut after = Vec::new();
+        let after_topics = Topics::single(TOPIC, 6);
+        for _ in 0..after_minutes / 2 {
+            emit_at_rate(
+                cluster,
+                &statement,
+                RATE,
+                Duration::from_secs(120),
+                2,
+                Arc::new(Clock::for_events(RATE as usize * 120)),
+                Some(&after_topics),
+            );
+            after.push(Sizes::of(&mut db));
+        }
+        let run = Run {
+            minutes,
+            held,
+            bursts_before,
+            bursts_after,
+            p99s: steady.p99s,
+            p99_per_ten: steady.p99_per_ten,
+            status: steady.status,
+            before,
+            end: during,
+            after,
+        };
+        println!("old snapshot: {}", run.row());
+        run
+    }
+
+    fn row(&self) -> String {
+        let p99s: Vec<String> = self.p99s.iter().map(|d| ms(*d)).collect();
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} / {} |",
+            self.minutes,
+            if self.held { "yes" } else { "no" },
+            drains(&self.bursts_before),
+            drains(&self.bursts_after),
+            abridged(&p99s),
+            ms(*self.p99s.last().unwrap()),
+            ms(self.status[0]),
+            ms(*self.status.last().unwrap()),
+            self.before.cell(),
+            self.end.cell(),
+            self.after
+                .iter()
+                .map(Sizes::cell)
+                .collect::<Vec<_>>()
+                .join(" / ")
+        )
+    }
+}
+
+/// The steady rate with its measurements.
+struct Steady {
+    p99s: Vec<Duration>,
+    p99_per_ten: Vec<Duration>,
+    status: Vec<Duration>,
+}
+
+impl Steady {
+    fn measure(stand: &Stand, statement: &str, duration: Duration) -> Steady {
         let Stand {
             broker,
             cluster,
             topics,
         } = stand;
-        let duration = Duration::from_secs(minutes * 60);
-        let mut db = cluster.connect();
-        let bursts_before = meeting.bursts(index, &mut db);
-        let before = Sizes::of(&mut db);
-        let holder = held.then(|| {
-            let mut holder = cluster.connect();
-            holder
-                .batch_execute(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM outbox.events",
-                )
-                .unwrap();
-            holder
-        });
-
-        let statement = format!(
-            "SELECT outbox.emit('order.created', $1::text, '{PAYLOAD_LITERAL}', topic => $2)::text"
-        );
-        warm_up_topics(cluster, &statement, topics);
+        warm_up_topics(cluster, statement, topics);
         let events = (RATE as u64 * duration.as_secs()) as usize;
-        meeting.all_here();
         let run = Measurement::start(&broker.bootstrap(), topics, events);
         let (topics, clock) = (&run.topics, &run.clock);
         let windows = (duration.as_secs() / WINDOW.as_secs()) as u32;
@@ -296,7 +395,7 @@ impl Run {
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 let clock = clock.clone();
-                emit_at_rate(cluster, &statement, RATE, duration, 2, clock, Some(topics))
+                emit_at_rate(cluster, statement, RATE, duration, 2, clock, Some(topics))
             });
             let mut monitor = cluster.connect();
             for window in 1..=windows {
@@ -326,62 +425,11 @@ impl Run {
                 clock.summary(from, to, end).p99
             })
             .collect();
-        let during = Sizes::of(&mut db);
-        // No run's steady rate is still going while the bursts take turns.
-        meeting.all_here();
-        let bursts_after = meeting.bursts(index, &mut db);
-        drop(holder);
-        meeting.all_here();
-        let mut after = Vec::new();
-        let after_topics = Topics::single(TOPIC, 6);
-        for _ in 0..after_minutes / 2 {
-            emit_at_rate(
-                cluster,
-                &statement,
-                RATE,
-                Duration::from_secs(120),
-                2,
-                Arc::new(Clock::for_events(RATE as usize * 120)),
-                Some(&after_topics),
-            );
-            after.push(Sizes::of(&mut db));
-        }
-        let run = Run {
-            minutes,
-            held,
-            bursts_before,
-            bursts_after,
+        Steady {
             p99s,
             p99_per_ten,
             status,
-            before,
-            end: during,
-            after,
-        };
-        println!("old snapshot: {}", run.row());
-        run
-    }
-
-    fn row(&self) -> String {
-        let p99s: Vec<String> = self.p99s.iter().map(|d| ms(*d)).collect();
-        format!(
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} / {} |",
-            self.minutes,
-            if self.held { "yes" } else { "no" },
-            drains(&self.bursts_before),
-            drains(&self.bursts_after),
-            abridged(&p99s),
-            ms(*self.p99s.last().unwrap()),
-            ms(self.status[0]),
-            ms(*self.status.last().unwrap()),
-            self.before.cell(),
-            self.end.cell(),
-            self.after
-                .iter()
-                .map(Sizes::cell)
-                .collect::<Vec<_>>()
-                .join(" / ")
-        )
+        }
     }
 }
 
@@ -416,7 +464,12 @@ fn abridged(values: &[String]) -> String {
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
+    let middle = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    }
 }
 
 /// A phase's bursts as their median and range.
