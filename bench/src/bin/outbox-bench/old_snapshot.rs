@@ -39,21 +39,21 @@ pub fn run(options: &Options) -> String {
         }
         let held = runs.last().unwrap();
         if let [fresh, held] = &runs[..] {
-            let beside: Vec<String> = held
-                .bursts_after
-                .iter()
-                .zip(&fresh.bursts_after)
-                .map(|(h, f)| format!("{:.2}", h / f))
-                .collect();
+            let after = pair_ratios(&held.bursts_after, &fresh.bursts_after);
+            let before = pair_ratios(&held.bursts_before, &fresh.bursts_before);
             writeln!(
                 verdicts,
-                "- {minutes} min: burst drain with the snapshot held {:.2}× the run without it \
-                 (medians of {BURSTS}; each held burst over the one beside it in time: {}); before \
-                 the snapshot opened, with no snapshot in either, the same two clusters measured \
-                 {:.2}×. Last-window p99 {} (without: {}).",
+                "- {minutes} min: drain rate with the snapshot held over the run without it, burst \
+                 by burst beside each other in time: {} (median {:.2}×, {} of {BURSTS} below 1; \
+                 ratio of the medians {:.2}×). Before the snapshot opened, with no snapshot in \
+                 either, the same two clusters: {} (median {:.2}×). Last-window p99 {} (without: \
+                 {}, measured one after the other).",
+                joined_ratios(&after),
+                median(&after),
+                after.iter().filter(|r| **r < 1.0).count(),
                 median(&held.bursts_after) / median(&fresh.bursts_after),
-                beside.join(", "),
-                median(&held.bursts_before) / median(&fresh.bursts_before),
+                joined_ratios(&before),
+                median(&before),
                 ms(*held.p99s.last().unwrap()),
                 ms(*fresh.p99s.last().unwrap())
             )
@@ -85,11 +85,12 @@ pub fn run(options: &Options) -> String {
          and range; then, with or without an idle REPEATABLE READ transaction opened, the steady \
          rate for the given minutes, to a fresh topic every 30 s window (see scenario 2; every topic \
          used once before) (commit → consumer p99 per 30 s window, and the time of `SELECT * FROM \
-         outbox.status`, the exporter's query, each window); {BURSTS} more bursts with the snapshot \
-         still open; then the snapshot closes and the rate runs {} more minutes, so that vacuum can \
-         reclaim what retention deleted meanwhile and new rows reuse the space. Sizes: outbox.events \
-         with its indexes, and the receipts.",
-        after / 2 * 2
+         outbox.status`, the exporter's query, each window); once its backlog is published, {} s \
+         for retention to delete what the rate left (vacuum cannot reclaim it behind the snapshot); \
+         {BURSTS} more bursts with the snapshot still open; then the snapshot closes and the rate \
+         runs {after} more minutes, so that vacuum can reclaim what retention deleted meanwhile and \
+         new rows reuse the space. Sizes: outbox.events with its indexes, and the receipts.",
+        SETTLE.as_secs()
     ));
     if options.minutes.iter().any(|&m| m <= 20) {
         out.push_str(&format!(
@@ -97,22 +98,29 @@ pub fn run(options: &Options) -> String {
              turn at a time while the other cluster has nothing left to publish (its retention, \
              autovacuum and idle worker still run): their bursts before the snapshot alternate \
              (without, held, held, without, …), their steady rates go one after the other (without \
-             first, so that the held run's bursts follow its rate at once), and their bursts after \
-             alternate again (held, without, without, held, …), each run going first {} times in \
-             each phase. So the machine's changing load falls on both. The rates after the snapshot \
-             closed, which only measure sizes, run together.",
-            BURSTS / 2
+             first; their p99s are measured minutes apart), and their bursts after alternate again \
+             (held, without, without, held, …), each run going first {} times in each phase, so \
+             that the machine's changing load falls on both runs' bursts. The run without the \
+             snapshot meets its bursts after the held run's whole rate as well; with retention \
+             caught up in both, its table is as settled as it was {} s after its own rate. The \
+             rates after the snapshot closed, which only measure sizes, run together.",
+            BURSTS / 2,
+            SETTLE.as_secs()
         ));
     }
     out.push_str("\n\n");
     out
 }
 
+/// From the end of a steady rate to its bursts: more than `outbox.retention` and autovacuum's
+/// one-minute naptime.
+const SETTLE: Duration = Duration::from_secs(90);
+
 /// Bursts in each phase of a run: even, so that in a pair each run goes first equally often.
 const BURSTS: usize = 6;
 
-/// Measures runs side by side (index 0 without the snapshot, then held), on one turn at a time
-/// (see `Meeting`), so that time-varying load on the machine falls on both.
+/// Measures runs side by side (index 0 without the snapshot, then held), one turn at a time
+/// (see `Meeting`), so that time-varying load on the machine falls on both runs' bursts.
 fn side_by_side(minutes: u64, held: &[bool], after_minutes: u64) -> Vec<Run> {
     // Started one after the other: each picks free ports.
     let stands: Vec<Stand> = held.iter().map(|_| Stand::new(minutes)).collect();
@@ -165,8 +173,8 @@ impl Stand {
 /// Where side-by-side runs meet. Everything measured goes one turn at a time, while the other
 /// runs wait with nothing left to publish: the bursts before the snapshot (0, 1, 1, 0, …), the
 /// steady rates one after the other (the one without the snapshot first, so that the held
-/// one's bursts follow its rate at once, as in a run of its own), the bursts after (1, 0, 0,
-/// 1, …). Then the rates after the snapshot closed, which only measure sizes, run together.
+/// one's bursts follow its rate and `SETTLE`, as in a run of its own), the bursts after (1, 0,
+/// 0, 1, …). Then the rates after the snapshot closed, which only measure sizes, run together.
 struct Meeting {
     runs: usize,
     /// Whose turn it is, turn by turn.
@@ -307,10 +315,13 @@ impl Run {
                 holder
             });
             let steady = Steady::measure(stand, &statement, duration);
-            // Its backlog is drained before anyone's burst is timed.
+            // Its backlog is drained before anyone's burst is timed, and retention has deleted
+            // what the rate left (behind the snapshot, vacuum cannot reclaim it): every run's
+            // bursts meet a table as settled, however long ago its rate ended.
             assert!(wait_until(Duration::from_secs(120), || count_pending(
                 &mut db
             ) == 0));
+            std::thread::sleep(SETTLE);
             (holder, steady)
         });
         let during = Sizes::of(&mut db);
@@ -459,6 +470,19 @@ fn abridged(values: &[String]) -> String {
             values[values.len() - 4..].join(", ")
         )
     }
+}
+
+/// Each held burst over the one beside it in time.
+fn pair_ratios(held: &[f64], fresh: &[f64]) -> Vec<f64> {
+    held.iter().zip(fresh).map(|(h, f)| h / f).collect()
+}
+
+fn joined_ratios(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|r| format!("{r:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn median(values: &[f64]) -> f64 {
