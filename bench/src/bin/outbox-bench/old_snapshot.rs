@@ -37,7 +37,6 @@ pub fn run(options: &Options) -> String {
         for run in &runs {
             writeln!(out, "{}", run.row()).unwrap();
         }
-        let held = runs.last().unwrap();
         if let [fresh, held] = &runs[..] {
             let after = pair_ratios(&held.bursts_after, &fresh.bursts_after);
             let before = pair_ratios(&held.bursts_before, &fresh.bursts_before);
@@ -54,11 +53,12 @@ pub fn run(options: &Options) -> String {
                 median(&held.bursts_after) / median(&fresh.bursts_after),
                 joined_ratios(&before),
                 median(&before),
-                ms(*held.p99s.last().unwrap()),
-                ms(*fresh.p99s.last().unwrap())
+                ms(*held.steady.p99s.last().unwrap()),
+                ms(*fresh.steady.p99s.last().unwrap())
             )
             .unwrap();
         } else {
+            let held = &runs[0];
             writeln!(
                 verdicts,
                 "- {minutes} min, held only (no run without a snapshot beside it): bursts after / \
@@ -67,10 +67,10 @@ pub fn run(options: &Options) -> String {
                  window p99 {}; p99 over each 10 minutes {}; slowest `outbox.status` in each 10 \
                  minutes {}.",
                 median(&held.bursts_after) / median(&held.bursts_before),
-                ms(*held.p99s.last().unwrap()),
-                ms(*held.p99s.iter().max().unwrap()),
-                joined(&held.p99_per_ten),
-                joined(&slowest_per_ten(&held.status))
+                ms(*held.steady.p99s.last().unwrap()),
+                ms(*held.steady.p99s.iter().max().unwrap()),
+                joined(&held.steady.p99_per_ten),
+                joined(&slowest_per_ten(&held.steady.status))
             )
             .unwrap();
         }
@@ -276,10 +276,7 @@ struct Run {
     held: bool,
     bursts_before: Vec<f64>,
     bursts_after: Vec<f64>,
-    p99s: Vec<Duration>,
-    /// p99 over each 10 minutes (the last part may be shorter).
-    p99_per_ten: Vec<Duration>,
-    status: Vec<Duration>,
+    steady: Steady,
     before: Sizes,
     /// At the end of the steady rate (the bursts after it still run with the snapshot open).
     end: Sizes,
@@ -347,9 +344,7 @@ impl Run {
             held,
             bursts_before,
             bursts_after,
-            p99s: steady.p99s,
-            p99_per_ten: steady.p99_per_ten,
-            status: steady.status,
+            steady,
             before,
             end: during,
             after,
@@ -359,7 +354,7 @@ impl Run {
     }
 
     fn row(&self) -> String {
-        let p99s: Vec<String> = self.p99s.iter().map(|d| ms(*d)).collect();
+        let p99s: Vec<String> = self.steady.p99s.iter().map(|d| ms(*d)).collect();
         format!(
             "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} / {} |",
             self.minutes,
@@ -367,9 +362,9 @@ impl Run {
             drains(&self.bursts_before),
             drains(&self.bursts_after),
             abridged(&p99s),
-            ms(*self.p99s.last().unwrap()),
-            ms(self.status[0]),
-            ms(*self.status.last().unwrap()),
+            ms(*self.steady.p99s.last().unwrap()),
+            ms(self.steady.status[0]),
+            ms(*self.steady.status.last().unwrap()),
             self.before.cell(),
             self.end.cell(),
             self.after
@@ -383,8 +378,11 @@ impl Run {
 
 /// The steady rate with its measurements.
 struct Steady {
+    /// p99 of each 30 s window.
     p99s: Vec<Duration>,
+    /// p99 over each 10 minutes (the last part may be shorter).
     p99_per_ten: Vec<Duration>,
+    /// The time of `SELECT * FROM outbox.status` in each window.
     status: Vec<Duration>,
 }
 
