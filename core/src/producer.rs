@@ -61,6 +61,14 @@ pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("client.id", "outbox_pg"),
 ];
 
+/// The defaults that librdkafka also knows by another name.
+const ALIASES: [[&str; 2]; 4] = [
+    ["linger.ms", "queue.buffering.max.ms"],
+    ["max.in.flight.requests.per.connection", "max.in.flight"],
+    ["acks", "request.required.acks"],
+    ["message.timeout.ms", "delivery.timeout.ms"],
+];
+
 /// What the producer tells the worker.
 #[derive(Debug)]
 pub enum Report {
@@ -134,6 +142,13 @@ impl Publisher {
                 .to_string(),
         );
         for (key, value) in &settings.properties {
+            // librdkafka applies a configuration in no set order: a default must not stay
+            // beside the user's value under another name of the same property.
+            for names in ALIASES.iter().filter(|names| names.contains(&key.as_str())) {
+                for name in names.iter().filter(|name| **name != key) {
+                    config.remove(name);
+                }
+            }
             config.set(key, value);
         }
         config.set_log_level(RDKafkaLogLevel::Warning);
@@ -714,6 +729,57 @@ mod tests {
         match publisher.send(2, &event(3), "t", &MessageFormat::Raw) {
             Err(NotSent::Refused(Outcome::Undelivered { .. })) => {}
             other => panic!("a stopped producer must not take messages: {other:?}"),
+        }
+    }
+
+    /// The value librdkafka runs `publisher`'s producer with for property `name`.
+    fn effective(publisher: &Publisher, name: &str) -> String {
+        let name = std::ffi::CString::new(name).unwrap();
+        let mut buffer = vec![0u8; 256];
+        let mut size = buffer.len();
+        // SAFETY: a live producer's configuration, read into a buffer of the size given.
+        let result = unsafe {
+            let conf = rdkafka::bindings::rd_kafka_conf(publisher.producer.client().native_ptr());
+            rdkafka::bindings::rd_kafka_conf_get(
+                conf,
+                name.as_ptr(),
+                buffer.as_mut_ptr().cast(),
+                &mut size,
+            )
+        };
+        assert_eq!(result, rdkafka::bindings::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK);
+        std::ffi::CStr::from_bytes_until_nul(&buffer)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_default_set_under_another_name_takes_the_users_value() {
+        let cluster = MockCluster::new(1).unwrap();
+        let cases = [
+            ("queue.buffering.max.ms", "25", "linger.ms"),
+            ("max.in.flight", "3", "max.in.flight.requests.per.connection"),
+            ("request.required.acks", "1", "acks"),
+            ("delivery.timeout.ms", "30000", "message.timeout.ms"),
+        ];
+        // librdkafka takes the configuration in no set order: many producers, so that a
+        // default left beside the user's value would win some of the time.
+        for _ in 0..16 {
+            for (alias, value, name) in cases {
+                let mut properties = vec![(alias.to_string(), value.to_string())];
+                if alias == "request.required.acks" {
+                    properties.push(("enable.idempotence".into(), "false".into()));
+                    properties.push(("enable.gapless.guarantee".into(), "false".into()));
+                }
+                let publisher = Publisher::new(ProducerSettings {
+                    brokers: cluster.bootstrap_servers(),
+                    properties,
+                    max_message_bytes: 1_000_000,
+                })
+                .unwrap();
+                assert_eq!(effective(&publisher, name), value, "{alias}={value}");
+            }
         }
     }
 
