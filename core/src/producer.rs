@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::bindings::{rd_kafka_message_status, rd_kafka_msg_status_t};
+use rdkafka::bindings::{rd_kafka_flush, rd_kafka_message_status, rd_kafka_msg_status_t};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -48,22 +48,31 @@ const MESSAGE_FRAMING_BYTES: i32 = 64 * 1024;
 ///   fatal error), and the worker sends the rest again with a new producer.
 /// - No message timeout: the worker decides when to give up (`outbox.delivery_timeout`), so a
 ///   message is never abandoned by librdkafka behind the worker's back.
-/// - `linger.ms` trades a millisecond of latency for batching under load.
+/// - `linger.ms`: how long librdkafka holds a message for more to join its request. The
+///   worker claims whole batches, so it releases each batch that leaves nothing waiting at once
+///   ([`Publisher::send_now`]) unless `outbox.kafka_config` sets a linger of its own.
 pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("enable.gapless.guarantee", "true"),
     ("max.in.flight.requests.per.connection", "1"),
     ("acks", "all"),
     ("message.timeout.ms", "0"),
-    ("linger.ms", "1"),
+    ("linger.ms", DEFAULT_LINGER_MS_TEXT),
     ("queue.buffering.max.messages", "1000000"),
     ("reconnect.backoff.max.ms", "2000"),
     ("client.id", "outbox_pg"),
 ];
 
+/// The default `linger.ms`, also the longest [`Publisher::send_now`] holds the flush.
+const DEFAULT_LINGER_MS: i32 = 1;
+const DEFAULT_LINGER_MS_TEXT: &str = "1";
+
+/// Property names that set librdkafka's linger.
+const LINGER_PROPERTIES: [&str; 2] = ["linger.ms", "queue.buffering.max.ms"];
+
 /// The defaults that librdkafka also knows by another name.
 const ALIASES: [[&str; 2]; 4] = [
-    ["linger.ms", "queue.buffering.max.ms"],
+    LINGER_PROPERTIES,
     ["max.in.flight.requests.per.connection", "max.in.flight"],
     ["acks", "request.required.acks"],
     ["message.timeout.ms", "delivery.timeout.ms"],
@@ -96,6 +105,8 @@ pub struct Publisher {
     reports: Receiver<Report>,
     wake: Arc<WakePipe>,
     settings: ProducerSettings,
+    /// `outbox.kafka_config` sets a linger: batches wait for it, as the user asked.
+    lingers_by_choice: bool,
     /// Topics the broker confirmed to exist.
     known_topics: Arc<Mutex<HashSet<String>>>,
     /// Topics the broker said are missing, when, and why: not asked about again for
@@ -163,11 +174,16 @@ impl Publisher {
             config.create_with_context::<_, ThreadedProducer<Reporter>>(reporter)
         })
         .map_err(|e| describe(&e))?;
+        let lingers_by_choice = settings
+            .properties
+            .iter()
+            .any(|(key, _)| LINGER_PROPERTIES.contains(&key.as_str()));
         Ok(Self {
             config,
             producer,
             reports,
             wake,
+            lingers_by_choice,
             settings,
             known_topics: Arc::new(Mutex::new(HashSet::new())),
             missing_topics: Arc::new(Mutex::new(HashMap::new())),
@@ -226,6 +242,21 @@ impl Publisher {
             }
             Err((error, _)) => Err(NotSent::Refused(outcome_of_error(&error, false))),
         }
+    }
+
+    /// Sends what is queued now instead of after `linger.ms`: call once a batch is handed over
+    /// and nothing more is about to join it. librdkafka counts the linger as expired while a
+    /// flush runs, so this flushes for the default linger at most (after which the messages go
+    /// anyway), returning early once everything handed over is reported. A linger set in
+    /// `outbox.kafka_config` is obeyed instead.
+    pub fn send_now(&self) {
+        if self.lingers_by_choice {
+            return;
+        }
+        // SAFETY: a live producer handle. rd_kafka_flush may be called from any thread; with the
+        // event-based delivery reports ThreadedProducer uses, it only waits for the message
+        // count to fall (its own thread serves the reports) and serves nothing itself.
+        unsafe { rd_kafka_flush(self.producer.client().native_ptr(), DEFAULT_LINGER_MS) };
     }
 
     /// Messages handed over and not yet reported.
@@ -729,6 +760,44 @@ mod tests {
         match publisher.send(2, &event(3), "t", &MessageFormat::Raw) {
             Err(NotSent::Refused(Outcome::Undelivered { .. })) => {}
             other => panic!("a stopped producer must not take messages: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_default_linger_is_the_longest_send_now_holds() {
+        assert_eq!(DEFAULT_LINGER_MS_TEXT.parse::<i32>(), Ok(DEFAULT_LINGER_MS));
+        assert!(DEFAULT_PROPERTIES.contains(&("linger.ms", DEFAULT_LINGER_MS_TEXT)));
+    }
+
+    #[test]
+    fn send_now_obeys_a_linger_set_in_the_settings() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        for name in LINGER_PROPERTIES {
+            let publisher = Publisher::new(ProducerSettings {
+                brokers: cluster.bootstrap_servers(),
+                properties: vec![(name.into(), "4000".into())],
+                max_message_bytes: 1_000_000,
+            })
+            .unwrap();
+            let sent = Instant::now();
+            publisher
+                .send(0, &event(1), "t", &MessageFormat::Raw)
+                .unwrap();
+            publisher.send_now();
+            // Held for the linger the user chose, not sent at once.
+            let held = sent + Duration::from_millis(2000);
+            while let Ok(report) = publisher
+                .reports()
+                .recv_timeout(held.saturating_duration_since(Instant::now()))
+            {
+                assert!(
+                    !matches!(report, Report::Delivered { .. }),
+                    "{name}: delivered before its linger"
+                );
+            }
+            assert!(wait_for_delivery(&publisher).1.is_published());
+            assert!(sent.elapsed() >= Duration::from_millis(3500), "{name}");
         }
     }
 

@@ -355,6 +355,7 @@ impl Kafka {
         if !self.send(shipments, 0, &mut flight, how) {
             return Vec::new();
         }
+        self.publisher.send_now();
         self.finish(shipments, flight, how)
     }
 
@@ -393,6 +394,13 @@ impl Kafka {
         );
         self.send_in_order(shipments, &pending, flight, how, &missing);
         true
+    }
+
+    /// Sends what was handed over without waiting for `linger.ms` (see
+    /// [`outbox_pg_core::producer::Publisher::send_now`]): for a batch nothing more is about to
+    /// join.
+    pub fn send_now(&self) {
+        self.publisher.send_now();
     }
 
     /// Waits for everything in `flight`, then settles `shipments`. What was not delivered and
@@ -436,6 +444,7 @@ impl Kafka {
             if !self.send(shipments, 0, &mut flight, how) {
                 return breaches;
             }
+            self.publisher.send_now();
         }
     }
 

@@ -244,6 +244,7 @@ impl Publishing {
                 return RoundEnd::Idle;
             }
             let how = Shipping::current(&self.database);
+            let backlog = claim.more;
             let mut air = InFlight {
                 shipments: std::mem::take(&mut claim.group),
                 flight: self.kafka.flight(),
@@ -253,6 +254,10 @@ impl Publishing {
             };
             self.kafka
                 .send(&mut air.shipments, 0, &mut air.flight, &how);
+            // All there is goes at once; with a backlog the next batch follows at once anyway.
+            if !backlog {
+                self.kafka.send_now();
+            }
             return self.fly(air);
         }
         let records = self.ship(&mut claim);
@@ -436,6 +441,7 @@ impl Publishing {
         air.head.count = at;
         air.shipments.append(&mut claim.group);
         air.next = Some(Sent::of(claim));
+        // Not sent now: it waits for the head's request, by when its linger has passed.
         self.kafka
             .send(&mut air.shipments, at, &mut air.flight, how);
     }
