@@ -816,7 +816,10 @@ mod tests {
                 &mut size,
             )
         };
-        assert_eq!(result, rdkafka::bindings::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK);
+        assert_eq!(
+            result,
+            rdkafka::bindings::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK
+        );
         std::ffi::CStr::from_bytes_until_nul(&buffer)
             .unwrap()
             .to_string_lossy()
@@ -828,7 +831,11 @@ mod tests {
         let cluster = MockCluster::new(1).unwrap();
         let cases = [
             ("queue.buffering.max.ms", "25", "linger.ms"),
-            ("max.in.flight", "3", "max.in.flight.requests.per.connection"),
+            (
+                "max.in.flight",
+                "3",
+                "max.in.flight.requests.per.connection",
+            ),
             ("request.required.acks", "1", "acks"),
             ("delivery.timeout.ms", "30000", "message.timeout.ms"),
         ];
