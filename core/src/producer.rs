@@ -63,20 +63,50 @@ pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("client.id", "outbox_pg"),
 ];
 
-/// The default `linger.ms`, also the longest [`Publisher::send_now`] holds the flush.
+/// The default `linger.ms`, also how long [`Publisher::send_now`] holds librdkafka's flush.
 const DEFAULT_LINGER_MS: i32 = 1;
 const DEFAULT_LINGER_MS_TEXT: &str = "1";
 
-/// Property names that set librdkafka's linger.
-const LINGER_PROPERTIES: [&str; 2] = ["linger.ms", "queue.buffering.max.ms"];
-
-/// The defaults that librdkafka also knows by another name.
-const ALIASES: [[&str; 2]; 4] = [
-    LINGER_PROPERTIES,
-    ["max.in.flight.requests.per.connection", "max.in.flight"],
-    ["acks", "request.required.acks"],
-    ["message.timeout.ms", "delivery.timeout.ms"],
+/// Every name librdkafka knows a producer property by (rdkafka_conf.c, `_RK_C_ALIAS`); the
+/// topic-level ones also with the `topic.` prefix the global configuration accepts. The first
+/// group is the linger.
+const ALIASES: &[&[&str]] = &[
+    &["linger.ms", "queue.buffering.max.ms"],
+    &["max.in.flight.requests.per.connection", "max.in.flight"],
+    &["retries", "message.send.max.retries"],
+    &["sasl.mechanism", "sasl.mechanisms"],
+    &[
+        "sasl.oauthbearer.client.credentials.client.id",
+        "sasl.oauthbearer.client.id",
+    ],
+    &[
+        "sasl.oauthbearer.client.credentials.client.secret",
+        "sasl.oauthbearer.client.secret",
+    ],
+    &[
+        "acks",
+        "request.required.acks",
+        "topic.acks",
+        "topic.request.required.acks",
+    ],
+    &[
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "topic.message.timeout.ms",
+        "topic.delivery.timeout.ms",
+    ],
+    &["compression.type", "compression.codec"],
+    &["topic.compression.type", "topic.compression.codec"],
 ];
+
+/// The names of the property `key` sets, `key` among them.
+fn names_of(key: &str) -> &'static [&'static str] {
+    ALIASES
+        .iter()
+        .find(|names| names.contains(&key))
+        .copied()
+        .unwrap_or(&[])
+}
 
 /// What the producer tells the worker.
 #[derive(Debug)]
@@ -105,8 +135,9 @@ pub struct Publisher {
     reports: Receiver<Report>,
     wake: Arc<WakePipe>,
     settings: ProducerSettings,
-    /// `outbox.kafka_config` sets a linger: batches wait for it, as the user asked.
-    lingers_by_choice: bool,
+    /// The thread that flushes for [`Publisher::send_now`]; None when `outbox.kafka_config`
+    /// sets a linger (batches wait for it, as the user asked).
+    flusher: Option<Flusher>,
     /// Topics the broker confirmed to exist.
     known_topics: Arc<Mutex<HashSet<String>>>,
     /// Topics the broker said are missing, when, and why: not asked about again for
@@ -153,12 +184,10 @@ impl Publisher {
                 .to_string(),
         );
         for (key, value) in &settings.properties {
-            // librdkafka applies a configuration in no set order: a default must not stay
-            // beside the user's value under another name of the same property.
-            for names in ALIASES.iter().filter(|names| names.contains(&key.as_str())) {
-                for name in names.iter().filter(|name| **name != key) {
-                    config.remove(name);
-                }
+            // librdkafka applies a configuration in no set order: a default, or an earlier
+            // value, must not stay beside this one under another name of the same property.
+            for name in names_of(key) {
+                config.remove(name);
             }
             config.set(key, value);
         }
@@ -177,13 +206,18 @@ impl Publisher {
         let lingers_by_choice = settings
             .properties
             .iter()
-            .any(|(key, _)| LINGER_PROPERTIES.contains(&key.as_str()));
+            .any(|(key, _)| names_of(key) == ALIASES[0]);
+        let flusher = if lingers_by_choice {
+            None
+        } else {
+            Some(start_flusher(&producer)?)
+        };
         Ok(Self {
             config,
             producer,
             reports,
             wake,
-            lingers_by_choice,
+            flusher,
             settings,
             known_topics: Arc::new(Mutex::new(HashSet::new())),
             missing_topics: Arc::new(Mutex::new(HashMap::new())),
@@ -246,17 +280,21 @@ impl Publisher {
 
     /// Sends what is queued now instead of after `linger.ms`: call once a batch is handed over
     /// and nothing more is about to join it. librdkafka counts the linger as expired while a
-    /// flush runs, so this flushes for the default linger at most (after which the messages go
-    /// anyway), returning early once everything handed over is reported. A linger set in
-    /// `outbox.kafka_config` is obeyed instead.
+    /// flush runs. The flush runs on its own thread, for the default linger at most (after which
+    /// the messages would go anyway), and this waits for it, up to twice that on the monotonic
+    /// clock: librdkafka's timed waits follow the wall clock, which may step back. Nothing may
+    /// be handed over while the flush runs, or the first message would go alone. A linger set
+    /// in `outbox.kafka_config` is obeyed instead.
     pub fn send_now(&self) {
-        if self.lingers_by_choice {
+        let Some(flusher) = &self.flusher else {
             return;
+        };
+        while flusher.done.try_recv().is_ok() {} // a late end of an earlier flush
+        if flusher.nudge.try_send(()).is_ok() {
+            let _ = flusher
+                .done
+                .recv_timeout(Duration::from_millis(2 * DEFAULT_LINGER_MS as u64));
         }
-        // SAFETY: a live producer handle. rd_kafka_flush may be called from any thread; with the
-        // event-based delivery reports ThreadedProducer uses, it only waits for the message
-        // count to fall (its own thread serves the reports) and serves nothing itself.
-        unsafe { rd_kafka_flush(self.producer.client().native_ptr(), DEFAULT_LINGER_MS) };
     }
 
     /// Messages handed over and not yet reported.
@@ -658,6 +696,35 @@ fn block_on<F: Future>(future: F, timeout: Duration) -> Option<F::Output> {
     }
 }
 
+/// The two ends of a thread that holds a flush of the producer for [`DEFAULT_LINGER_MS`] each
+/// time it is nudged, and says when it is done. It ends once the publisher drops the nudging
+/// end, and its copy of the producer with it.
+struct Flusher {
+    nudge: Sender<()>,
+    done: Receiver<()>,
+}
+
+fn start_flusher(producer: &ThreadedProducer<Reporter>) -> Result<Flusher, String> {
+    let (nudge, nudged) = crossbeam_channel::bounded::<()>(1);
+    let (finished, done) = crossbeam_channel::bounded::<()>(1);
+    let producer = producer.clone();
+    with_signals_blocked(|| {
+        std::thread::Builder::new()
+            .name("outbox_pg flush".into())
+            .spawn(move || {
+                while nudged.recv().is_ok() {
+                    // SAFETY: a live producer handle (this thread's copy keeps it alive). With
+                    // the event-based delivery reports ThreadedProducer uses, rd_kafka_flush only
+                    // waits for the message count to fall and serves no queue.
+                    unsafe { rd_kafka_flush(producer.client().native_ptr(), DEFAULT_LINGER_MS) };
+                    let _ = finished.try_send(());
+                }
+            })
+    })
+    .map_err(|e| format!("cannot start the producer's flush thread: {e}"))?;
+    Ok(Flusher { nudge, done })
+}
+
 /// Runs `f` with every signal blocked in this thread, so threads it spawns (the producer's
 /// polling thread, helper threads) inherit a full mask and Postgres' signal handlers only ever
 /// run on the main thread. librdkafka masks its own threads the same way.
@@ -773,7 +840,7 @@ mod tests {
     fn send_now_obeys_a_linger_set_in_the_settings() {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("t", 1, 1).unwrap();
-        for name in LINGER_PROPERTIES {
+        for &name in ALIASES[0] {
             let publisher = Publisher::new(ProducerSettings {
                 brokers: cluster.bootstrap_servers(),
                 properties: vec![(name.into(), "4000".into())],
@@ -831,6 +898,8 @@ mod tests {
         let cluster = MockCluster::new(1).unwrap();
         let cases = [
             ("queue.buffering.max.ms", "25", "linger.ms"),
+            ("topic.acks", "1", "acks"),
+            ("topic.delivery.timeout.ms", "30000", "message.timeout.ms"),
             (
                 "max.in.flight",
                 "3",
@@ -844,7 +913,7 @@ mod tests {
         for _ in 0..16 {
             for (alias, value, name) in cases {
                 let mut properties = vec![(alias.to_string(), value.to_string())];
-                if alias == "request.required.acks" {
+                if alias.ends_with("acks") {
                     properties.push(("enable.idempotence".into(), "false".into()));
                     properties.push(("enable.gapless.guarantee".into(), "false".into()));
                 }
@@ -856,6 +925,23 @@ mod tests {
                 .unwrap();
                 assert_eq!(effective(&publisher, name), value, "{alias}={value}");
             }
+        }
+    }
+
+    #[test]
+    fn of_two_names_of_one_property_the_later_given_wins() {
+        let cluster = MockCluster::new(1).unwrap();
+        for _ in 0..16 {
+            let publisher = Publisher::new(ProducerSettings {
+                brokers: cluster.bootstrap_servers(),
+                properties: vec![
+                    ("retries".into(), "7".into()),
+                    ("message.send.max.retries".into(), "9".into()),
+                ],
+                max_message_bytes: 1_000_000,
+            })
+            .unwrap();
+            assert_eq!(effective(&publisher, "retries"), "9");
         }
     }
 

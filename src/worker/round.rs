@@ -440,10 +440,14 @@ impl Publishing {
         air.flight.close_head(at);
         air.head.count = at;
         air.shipments.append(&mut claim.group);
+        let backlog = claim.more;
         air.next = Some(Sent::of(claim));
-        // Not sent now: it waits for the head's request, by when its linger has passed.
         self.kafka
             .send(&mut air.shipments, at, &mut air.flight, how);
+        // Behind a head still flying it waits for the head's request anyway.
+        if !backlog && air.flight.head_done() {
+            self.kafka.send_now();
+        }
     }
 
     /// Records `records` and moves the position to `next`: lock waits and a freeze that began
