@@ -67,11 +67,13 @@ pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
 const DEFAULT_LINGER_MS: i32 = 1;
 const DEFAULT_LINGER_MS_TEXT: &str = "1";
 
+/// The names of librdkafka's linger.
+const LINGER: &[&str] = &["linger.ms", "queue.buffering.max.ms"];
+
 /// Every name librdkafka knows a producer property by (rdkafka_conf.c, `_RK_C_ALIAS`); the
-/// topic-level ones also with the `topic.` prefix the global configuration accepts. The first
-/// group is the linger.
+/// topic-level ones also with the `topic.` prefix the global configuration accepts.
 const ALIASES: &[&[&str]] = &[
-    &["linger.ms", "queue.buffering.max.ms"],
+    LINGER,
     &["max.in.flight.requests.per.connection", "max.in.flight"],
     &["retries", "message.send.max.retries"],
     &["sasl.mechanism", "sasl.mechanisms"],
@@ -195,6 +197,7 @@ impl Publisher {
 
         let wake = Arc::new(WakePipe::new()?);
         let (sender, reports) = crossbeam_channel::unbounded();
+        let log = sender.clone();
         let reporter = Reporter {
             sender,
             wake: wake.clone(),
@@ -206,11 +209,17 @@ impl Publisher {
         let lingers_by_choice = settings
             .properties
             .iter()
-            .any(|(key, _)| names_of(key) == ALIASES[0]);
+            .any(|(key, _)| names_of(key) == LINGER);
         let flusher = if lingers_by_choice {
             None
         } else {
-            Some(start_flusher(&producer)?)
+            Flusher::start(&producer)
+                .map_err(|e| {
+                    let _ = log.send(Report::Log {
+                        message: format!("{e}; batches wait for linger.ms"),
+                    });
+                })
+                .ok()
         };
         Ok(Self {
             config,
@@ -286,14 +295,8 @@ impl Publisher {
     /// be handed over while the flush runs, or the first message would go alone. A linger set
     /// in `outbox.kafka_config` is obeyed instead.
     pub fn send_now(&self) {
-        let Some(flusher) = &self.flusher else {
-            return;
-        };
-        while flusher.done.try_recv().is_ok() {} // a late end of an earlier flush
-        if flusher.nudge.try_send(()).is_ok() {
-            let _ = flusher
-                .done
-                .recv_timeout(Duration::from_millis(2 * DEFAULT_LINGER_MS as u64));
+        if let Some(flusher) = &self.flusher {
+            flusher.flush();
         }
     }
 
@@ -696,33 +699,103 @@ fn block_on<F: Future>(future: F, timeout: Duration) -> Option<F::Output> {
     }
 }
 
-/// The two ends of a thread that holds a flush of the producer for [`DEFAULT_LINGER_MS`] each
-/// time it is nudged, and says when it is done. It ends once the publisher drops the nudging
-/// end, and its copy of the producer with it.
+/// A thread that holds a flush of the producer for [`DEFAULT_LINGER_MS`] each time it is
+/// nudged, and answers with the nudge's number when done. It ends when the nudging end is
+/// dropped; the publisher then waits for it briefly, so that the producer, of which the thread
+/// holds a copy, ends on the worker's thread.
 struct Flusher {
-    nudge: Sender<()>,
-    done: Receiver<()>,
+    nudge: Option<Sender<u64>>,
+    done: Receiver<u64>,
+    asked: std::sync::atomic::AtomicU64,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn start_flusher(producer: &ThreadedProducer<Reporter>) -> Result<Flusher, String> {
-    let (nudge, nudged) = crossbeam_channel::bounded::<()>(1);
-    let (finished, done) = crossbeam_channel::bounded::<()>(1);
-    let producer = producer.clone();
-    with_signals_blocked(|| {
-        std::thread::Builder::new()
-            .name("outbox_pg flush".into())
-            .spawn(move || {
-                while nudged.recv().is_ok() {
-                    // SAFETY: a live producer handle (this thread's copy keeps it alive). With
-                    // the event-based delivery reports ThreadedProducer uses, rd_kafka_flush only
-                    // waits for the message count to fall and serves no queue.
-                    unsafe { rd_kafka_flush(producer.client().native_ptr(), DEFAULT_LINGER_MS) };
-                    let _ = finished.try_send(());
+/// How long a dropped publisher waits for its flush thread to end.
+const FLUSHER_STOP_WAIT: Duration = Duration::from_millis(100);
+
+impl Flusher {
+    fn start(producer: &ThreadedProducer<Reporter>) -> Result<Flusher, String> {
+        let (nudge, nudged) = crossbeam_channel::bounded::<u64>(1);
+        let (finished, done) = crossbeam_channel::bounded::<u64>(1);
+        let producer = producer.clone();
+        let thread = with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("outbox_pg flush".into())
+                .spawn(move || {
+                    while let Ok(number) = nudged.recv() {
+                        // SAFETY: a live producer handle (this thread's copy keeps it alive).
+                        // With the event-based delivery reports ThreadedProducer uses,
+                        // rd_kafka_flush only waits for the message count to fall and serves no
+                        // queue.
+                        unsafe {
+                            rd_kafka_flush(producer.client().native_ptr(), DEFAULT_LINGER_MS)
+                        };
+                        let _ = finished.try_send(number);
+                    }
+                })
+        })
+        .map_err(|e| format!("cannot start the producer's flush thread: {e}"))?;
+        Ok(Flusher {
+            nudge: Some(nudge),
+            done,
+            asked: std::sync::atomic::AtomicU64::new(0),
+            thread: Some(thread),
+        })
+    }
+
+    /// Flushes and waits until this flush ends, up to twice the linger on the monotonic clock.
+    /// Returns at once if the thread has not taken the last nudge yet.
+    fn flush(&self) {
+        let Some(nudge) = &self.nudge else {
+            return;
+        };
+        let number = self.asked.fetch_add(1, Ordering::Relaxed) + 1;
+        if nudge.try_send(number).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_millis(2 * DEFAULT_LINGER_MS as u64);
+        // Earlier flushes that ended late answer too: wait for this one's number.
+        while let Ok(answered) = self
+            .done
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if answered == number {
+                return;
+            }
+        }
+    }
+
+    /// Ends the thread; true if it ended within FLUSHER_STOP_WAIT (it finishes its flush first).
+    fn stop(&mut self) -> bool {
+        self.nudge = None;
+        let deadline = Instant::now() + FLUSHER_STOP_WAIT;
+        loop {
+            match self
+                .done
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(_) => continue,
+                // The thread dropped its end: it has ended, or is about to.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    if let Some(thread) = self.thread.take() {
+                        let _ = thread.join();
+                    }
+                    return true;
                 }
-            })
-    })
-    .map_err(|e| format!("cannot start the producer's flush thread: {e}"))?;
-    Ok(Flusher { nudge, done })
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return false,
+            }
+        }
+    }
+}
+
+impl Drop for Publisher {
+    /// The flush thread ends first, so that the producer ends here rather than on that thread
+    /// (a flush stuck past FLUSHER_STOP_WAIT is left to end it there).
+    fn drop(&mut self) {
+        if let Some(mut flusher) = self.flusher.take() {
+            flusher.stop();
+        }
+    }
 }
 
 /// Runs `f` with every signal blocked in this thread, so threads it spawns (the producer's
@@ -837,10 +910,33 @@ mod tests {
     }
 
     #[test]
+    fn the_flush_thread_ends_with_its_publisher() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let mut publisher = Publisher::new(ProducerSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties: vec![],
+            max_message_bytes: 1_000_000,
+        })
+        .unwrap();
+        publisher
+            .send(0, &event(1), "t", &MessageFormat::Raw)
+            .unwrap();
+        publisher.send_now();
+        assert!(wait_for_delivery(&publisher).1.is_published());
+        let mut flusher = publisher
+            .flusher
+            .take()
+            .expect("no linger set: a flush thread");
+        assert!(flusher.stop(), "the flush thread did not end");
+        assert!(flusher.thread.is_none());
+    }
+
+    #[test]
     fn send_now_obeys_a_linger_set_in_the_settings() {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("t", 1, 1).unwrap();
-        for &name in ALIASES[0] {
+        for &name in LINGER {
             let publisher = Publisher::new(ProducerSettings {
                 brokers: cluster.bootstrap_servers(),
                 properties: vec![(name.into(), "4000".into())],

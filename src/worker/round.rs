@@ -444,7 +444,8 @@ impl Publishing {
         air.next = Some(Sent::of(claim));
         self.kafka
             .send(&mut air.shipments, at, &mut air.flight, how);
-        // Behind a head still flying it waits for the head's request anyway.
+        // Behind a head still flying it waits for the head's requests on the brokers they share,
+        // and for one linger at most elsewhere.
         if !backlog && air.flight.head_done() {
             self.kafka.send_now();
         }
