@@ -750,6 +750,8 @@ impl Flusher {
             return;
         };
         let number = self.asked.fetch_add(1, Ordering::Relaxed) + 1;
+        // Room for this one's answer: an earlier flush that ended late may have left its own.
+        while self.done.try_recv().is_ok() {}
         if nudge.try_send(number).is_err() {
             return;
         }
@@ -910,7 +912,7 @@ mod tests {
     }
 
     #[test]
-    fn the_flush_thread_ends_with_its_publisher() {
+    fn the_flush_thread_ends_and_the_producer_with_its_publisher() {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("t", 1, 1).unwrap();
         let mut publisher = Publisher::new(ProducerSettings {
@@ -924,12 +926,37 @@ mod tests {
             .unwrap();
         publisher.send_now();
         assert!(wait_for_delivery(&publisher).1.is_published());
+        // The thread ends when asked.
         let mut flusher = publisher
             .flusher
             .take()
             .expect("no linger set: a flush thread");
         assert!(flusher.stop(), "the flush thread did not end");
         assert!(flusher.thread.is_none());
+        // Dropping a publisher ends its producer at once: the flush thread does not keep it
+        // alive (the producer's reporter, the last sender of its reports, is gone).
+        let publisher = Publisher::new(ProducerSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties: vec![],
+            max_message_bytes: 1_000_000,
+        })
+        .unwrap();
+        publisher
+            .send(0, &event(2), "t", &MessageFormat::Raw)
+            .unwrap();
+        publisher.send_now();
+        assert!(wait_for_delivery(&publisher).1.is_published());
+        let reports = publisher.reports().clone();
+        drop(publisher);
+        loop {
+            match reports.try_recv() {
+                Ok(_) => continue,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    panic!("the producer outlived its publisher")
+                }
+            }
+        }
     }
 
     #[test]
