@@ -915,17 +915,22 @@ mod tests {
     fn the_flush_thread_ends_and_the_producer_with_its_publisher() {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("t", 1, 1).unwrap();
-        let mut publisher = Publisher::new(ProducerSettings {
-            brokers: cluster.bootstrap_servers(),
-            properties: vec![],
-            max_message_bytes: 1_000_000,
-        })
-        .unwrap();
-        publisher
-            .send(0, &event(1), "t", &MessageFormat::Raw)
+        // A publisher with default settings (a flush thread) that has sent one event at once.
+        let sent_one = || {
+            let publisher = Publisher::new(ProducerSettings {
+                brokers: cluster.bootstrap_servers(),
+                properties: vec![],
+                max_message_bytes: 1_000_000,
+            })
             .unwrap();
-        publisher.send_now();
-        assert!(wait_for_delivery(&publisher).1.is_published());
+            publisher
+                .send(0, &event(1), "t", &MessageFormat::Raw)
+                .unwrap();
+            publisher.send_now();
+            assert!(wait_for_delivery(&publisher).1.is_published());
+            publisher
+        };
+        let mut publisher = sent_one();
         // The thread ends when asked.
         let mut flusher = publisher
             .flusher
@@ -935,17 +940,7 @@ mod tests {
         assert!(flusher.thread.is_none());
         // Dropping a publisher ends its producer at once: the flush thread does not keep it
         // alive (the producer's reporter, the last sender of its reports, is gone).
-        let publisher = Publisher::new(ProducerSettings {
-            brokers: cluster.bootstrap_servers(),
-            properties: vec![],
-            max_message_bytes: 1_000_000,
-        })
-        .unwrap();
-        publisher
-            .send(0, &event(2), "t", &MessageFormat::Raw)
-            .unwrap();
-        publisher.send_now();
-        assert!(wait_for_delivery(&publisher).1.is_published());
+        let publisher = sent_one();
         let reports = publisher.reports().clone();
         drop(publisher);
         loop {
