@@ -57,15 +57,15 @@ pub const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("max.in.flight.requests.per.connection", "1"),
     ("acks", "all"),
     ("message.timeout.ms", "0"),
-    ("linger.ms", DEFAULT_LINGER_MS_TEXT),
+    ("linger.ms", "1"),
     ("queue.buffering.max.messages", "1000000"),
     ("reconnect.backoff.max.ms", "2000"),
     ("client.id", "outbox_pg"),
 ];
 
-/// The default `linger.ms`, also how long [`Publisher::send_now`] holds librdkafka's flush.
+/// The default `linger.ms` (as in [`DEFAULT_PROPERTIES`]), also how long
+/// [`Publisher::send_now`] holds librdkafka's flush.
 const DEFAULT_LINGER_MS: i32 = 1;
-const DEFAULT_LINGER_MS_TEXT: &str = "1";
 
 /// The names of librdkafka's linger.
 const LINGER: &[&str] = &["linger.ms", "queue.buffering.max.ms"];
@@ -838,6 +838,19 @@ mod tests {
         }
     }
 
+    /// A publisher to `cluster` with `properties` on top of the defaults.
+    fn publisher_on(
+        cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        properties: Vec<(String, String)>,
+    ) -> Publisher {
+        Publisher::new(ProducerSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties,
+            max_message_bytes: 1_000_000,
+        })
+        .unwrap()
+    }
+
     fn wait_for_delivery(publisher: &Publisher) -> (usize, Outcome) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -854,12 +867,7 @@ mod tests {
     fn messages_are_delivered_and_reported_with_their_index() {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("t", 1, 1).unwrap();
-        let publisher = Publisher::new(ProducerSettings {
-            brokers: cluster.bootstrap_servers(),
-            properties: vec![],
-            max_message_bytes: 1_000_000,
-        })
-        .unwrap();
+        let publisher = publisher_on(&cluster, vec![]);
         publisher
             .send(7, &event(1), "t", &MessageFormat::Raw)
             .unwrap();
@@ -872,12 +880,7 @@ mod tests {
     fn a_broker_refusal_stops_the_producer_and_later_messages_are_undelivered() {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("t", 1, 1).unwrap();
-        let publisher = Publisher::new(ProducerSettings {
-            brokers: cluster.bootstrap_servers(),
-            properties: vec![("linger.ms".into(), "50".into())],
-            max_message_bytes: 1_000_000,
-        })
-        .unwrap();
+        let publisher = publisher_on(&cluster, vec![("linger.ms".into(), "50".into())]);
         // Deliver one so the producer is connected, then refuse the next produce request.
         publisher
             .send(0, &event(1), "t", &MessageFormat::Raw)
@@ -907,8 +910,11 @@ mod tests {
 
     #[test]
     fn the_default_linger_is_the_longest_send_now_holds() {
-        assert_eq!(DEFAULT_LINGER_MS_TEXT.parse::<i32>(), Ok(DEFAULT_LINGER_MS));
-        assert!(DEFAULT_PROPERTIES.contains(&("linger.ms", DEFAULT_LINGER_MS_TEXT)));
+        let linger = DEFAULT_PROPERTIES
+            .iter()
+            .find(|(key, _)| *key == "linger.ms")
+            .map(|(_, value)| value.parse::<i32>());
+        assert_eq!(linger, Some(Ok(DEFAULT_LINGER_MS)));
     }
 
     #[test]
@@ -917,12 +923,7 @@ mod tests {
         cluster.create_topic("t", 1, 1).unwrap();
         // A publisher with default settings (a flush thread) that has sent one event at once.
         let sent_one = || {
-            let publisher = Publisher::new(ProducerSettings {
-                brokers: cluster.bootstrap_servers(),
-                properties: vec![],
-                max_message_bytes: 1_000_000,
-            })
-            .unwrap();
+            let publisher = publisher_on(&cluster, vec![]);
             publisher
                 .send(0, &event(1), "t", &MessageFormat::Raw)
                 .unwrap();
@@ -959,12 +960,7 @@ mod tests {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("t", 1, 1).unwrap();
         for &name in LINGER {
-            let publisher = Publisher::new(ProducerSettings {
-                brokers: cluster.bootstrap_servers(),
-                properties: vec![(name.into(), "4000".into())],
-                max_message_bytes: 1_000_000,
-            })
-            .unwrap();
+            let publisher = publisher_on(&cluster, vec![(name.into(), "4000".into())]);
             let sent = Instant::now();
             publisher
                 .send(0, &event(1), "t", &MessageFormat::Raw)
@@ -1035,12 +1031,7 @@ mod tests {
                     properties.push(("enable.idempotence".into(), "false".into()));
                     properties.push(("enable.gapless.guarantee".into(), "false".into()));
                 }
-                let publisher = Publisher::new(ProducerSettings {
-                    brokers: cluster.bootstrap_servers(),
-                    properties,
-                    max_message_bytes: 1_000_000,
-                })
-                .unwrap();
+                let publisher = publisher_on(&cluster, properties);
                 assert_eq!(effective(&publisher, name), value, "{alias}={value}");
             }
         }
@@ -1050,15 +1041,13 @@ mod tests {
     fn of_two_names_of_one_property_the_later_given_wins() {
         let cluster = MockCluster::new(1).unwrap();
         for _ in 0..16 {
-            let publisher = Publisher::new(ProducerSettings {
-                brokers: cluster.bootstrap_servers(),
-                properties: vec![
+            let publisher = publisher_on(
+                &cluster,
+                vec![
                     ("retries".into(), "7".into()),
                     ("message.send.max.retries".into(), "9".into()),
                 ],
-                max_message_bytes: 1_000_000,
-            })
-            .unwrap();
+            );
             assert_eq!(effective(&publisher, "retries"), "9");
         }
     }
@@ -1067,12 +1056,10 @@ mod tests {
     fn topics_are_confirmed_or_found_missing_in_one_request() {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("here", 1, 1).unwrap();
-        let publisher = Publisher::new(ProducerSettings {
-            brokers: cluster.bootstrap_servers(),
-            properties: vec![("allow.auto.create.topics".into(), "false".into())],
-            max_message_bytes: 1_000_000,
-        })
-        .unwrap();
+        let publisher = publisher_on(
+            &cluster,
+            vec![("allow.auto.create.topics".into(), "false".into())],
+        );
         let answer = |pending: Pending<TopicReadiness>| {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
