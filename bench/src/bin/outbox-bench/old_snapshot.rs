@@ -21,7 +21,7 @@ pub fn run(options: &Options) -> String {
     let mut out = format!(
         "## 5. Old snapshot: {RATE} single-event transactions/s (mock cluster, `synchronous_commit = off`, \
          `outbox.retention = 1min`)\n\n\
-         | minutes | open snapshot | burst drain before | burst drain after | p99 per 30 s window | last window p99 | `outbox.status` first / last window | sizes before / at the end of the rate / after the snapshot closed, every 2 min |\n\
+         | minutes | open snapshot | burst drain before | burst drain after | p99 per 30 s window | last window p99 | `outbox.status` first / last window | sizes before / 90 s after the rate's backlog was published / after the snapshot closed, every 2 min |\n\
          |---|---|---|---|---|---|---|---|\n"
     );
     let mut verdicts = String::new();
@@ -81,7 +81,7 @@ pub fn run(options: &Options) -> String {
     out.push_str(&format!(
         "\nEach run: a fresh cluster with its own mock broker; {BURSTS} bursts of 50,000 events (one \
          transaction each) drained, each timed from its commit until the receipts cover it (single \
-         bursts on this shared machine differ by up to 1.5×), the drain columns giving their median \
+         bursts on this shared machine differ by up to 2.5×), the drain columns giving their median \
          and range; then, with or without an idle REPEATABLE READ transaction opened, the steady \
          rate for the given minutes, to a fresh topic every 30 s window (see scenario 2; every topic \
          used once before) (commit → consumer p99 per 30 s window, and the time of `SELECT * FROM \
@@ -278,7 +278,8 @@ struct Run {
     bursts_after: Vec<f64>,
     steady: Steady,
     before: Sizes,
-    /// At the end of the steady rate (the bursts after it still run with the snapshot open).
+    /// 90 s after the steady rate's backlog was published (the bursts after it still run with
+    /// the snapshot open).
     end: Sizes,
     /// Every 2 minutes after it closed.
     after: Vec<Sizes>,
