@@ -281,11 +281,11 @@ pub struct Clock {
     pub produced: Mutex<HashMap<String, Instant>>,
 }
 
-/// The monotonic instant of a wall-clock time in milliseconds since the Unix epoch.
+/// The monotonic instant of a wall-clock time in milliseconds since the Unix epoch. Both clocks
+/// are read now, not once per process: over a 1 h 40 min `make bench` they drifted 7.8 s apart
+/// here, which made the late scenarios' splits read seconds.
 fn instant_of_epoch_ms(ms: i64) -> Instant {
-    static ANCHOR: std::sync::OnceLock<(std::time::SystemTime, Instant)> =
-        std::sync::OnceLock::new();
-    let (wall, mono) = *ANCHOR.get_or_init(|| (std::time::SystemTime::now(), Instant::now()));
+    let (wall, mono) = (std::time::SystemTime::now(), Instant::now());
     let at = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     match at.duration_since(wall) {
         Ok(after) => mono + after,
