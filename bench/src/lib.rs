@@ -282,8 +282,8 @@ pub struct Clock {
 }
 
 /// The monotonic instant of a wall-clock time in milliseconds since the Unix epoch. Both clocks
-/// are read now, not once per process: over a 1 h 40 min `make bench` they drifted 7.8 s apart
-/// here, which made the late scenarios' splits read seconds.
+/// are read now, not once per process: during a `make bench` here the wall clock stepped 7.8 s
+/// between two scenarios, which made the later scenarios' splits read seconds.
 fn instant_of_epoch_ms(ms: i64) -> Instant {
     let (wall, mono) = (std::time::SystemTime::now(), Instant::now());
     let at = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
