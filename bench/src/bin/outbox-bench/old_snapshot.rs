@@ -280,7 +280,7 @@ struct Run {
     before: Sizes,
     /// 90 s after the steady rate's backlog was published (the bursts after it still run with
     /// the snapshot open).
-    end: Sizes,
+    settled: Sizes,
     /// Every 2 minutes after it closed.
     after: Vec<Sizes>,
 }
@@ -347,7 +347,7 @@ impl Run {
             bursts_after,
             steady,
             before,
-            end: during,
+            settled: during,
             after,
         };
         println!("old snapshot: {}", run.row());
@@ -367,7 +367,7 @@ impl Run {
             ms(self.steady.status[0]),
             ms(*self.steady.status.last().unwrap()),
             self.before.cell(),
-            self.end.cell(),
+            self.settled.cell(),
             self.after
                 .iter()
                 .map(Sizes::cell)
