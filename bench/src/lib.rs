@@ -338,8 +338,10 @@ impl Clock {
             }
         }
         drop((committed, received, produced));
-        if std::env::var_os("BENCH_DEBUG").is_some() {
-            self.print_slowest(from, to, 30);
+        if let Some(debug) = std::env::var_os("BENCH_DEBUG") {
+            // BENCH_DEBUG=N: the N slowest (30 for any other value).
+            let n = debug.to_str().and_then(|n| n.parse().ok()).unwrap_or(30);
+            self.print_slowest(from, to, n);
         }
         Summary {
             split: Split::of(to_producer, after),
@@ -347,7 +349,7 @@ impl Clock {
         }
     }
 
-    /// BENCH_DEBUG: the `n` slowest events committed in `[from, to)`, in commit order, with when
+    /// BENCH_DEBUG=N: the `n` slowest events committed in `[from, to)`, in commit order, with when
     /// they committed (ms after `from`) and how long they took to the producer and beyond.
     fn print_slowest(&self, from: Instant, to: Instant, n: usize) {
         let committed = self.committed.lock().unwrap();
