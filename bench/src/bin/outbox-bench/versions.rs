@@ -36,7 +36,7 @@ pub fn run(options: &Options) -> String {
         let topics = Topics::rotating(
             &format!("{TOPIC}.{major}"),
             duration,
-            Duration::from_secs(5),
+            rotation_period(5000),
             6,
         );
         let broker = Broker::mock(&topics.specs());
@@ -55,7 +55,7 @@ pub fn run(options: &Options) -> String {
     }
     out.push_str(
         "\nSame settings as scenarios 1 and 2 (`synchronous_commit = off` for the latency run, a fresh topic \
-         every 5 s); the majors \
+         every 1 s); the majors \
          run one after the other on the same machine.\n\n",
     );
     out
