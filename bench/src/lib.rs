@@ -402,9 +402,8 @@ pub const LATENCY_FETCH_WAIT_MS: &str = "1";
 /// latency scenarios use [`rotation_period`]; the sustained (10 s at 2,000/s) and old-snapshot
 /// (30 s windows at 1,000/s) scenarios keep longer topics, and their p99s may carry some of
 /// this cost. Every topic a producer knows costs its broker thread a look at each partition
-/// whenever it wakes. Emitters and the
-/// consumer agree on the topic by the clock: topic `k` is the one for instants
-/// `start + k * period`.
+/// whenever it wakes. Emitters and the consumer agree on the topic by the clock: topic `k` is
+/// the one for instants `start + k * period`.
 #[derive(Clone)]
 pub struct Topics {
     prefix: String,

@@ -22,14 +22,16 @@ pub fn run(options: &Options) -> String {
     for sync in ["on", "off"] {
         let settings = [("fsync", "on"), ("synchronous_commit", sync)];
         let rate = versions::drain(events, &settings);
+        let rate_per_s = 500;
         let topics = Topics::rotating(
             &format!("bench.durability.{sync}"),
             duration,
-            Duration::from_secs(5),
+            rotation_period(rate_per_s),
             6,
         );
         let broker = Broker::mock(&topics.specs());
-        let summary = latency::measure_latency(&broker, &topics, 500, duration, true, &settings);
+        let summary =
+            latency::measure_latency(&broker, &topics, rate_per_s, duration, true, &settings);
         let [p50, p95, p99, max] = summary.cells();
         println!("durability [synchronous_commit={sync}]: drain {rate:.0}/s, latency {summary:?}");
         writeln!(

@@ -88,9 +88,10 @@ pub fn run(options: &Options) -> String {
          \"≥\": some events had not arrived when the window closed (10 s after the last emit), \
          counted at that bound. \"producer alone\": no database, a librdkafka producer with outbox_pg's \
          settings sends at the same rate, timed from the send call: the broker's own floor. Each run \
-         moves to a fresh topic every 1–5 s, about 5,000 events a topic at most (every 5 s at 500/s, \
-         every 1 s at 5,000/s, on both brokers; the baseline relay excepted: it has one topic), because the mock cluster walks a partition's \
-         whole log, message set by message set, on every fetch, so that on one topic its own \
+         moves to a fresh topic every 1–5 s, about 5,000 events a topic at most (every 5 s at \
+         500/s, every 1 s at 5,000/s, on both brokers; the baseline relay excepted: it has one \
+         topic), because the mock cluster walks a partition's whole log, message set by message \
+         set, on every fetch, so that on one topic its own \
          latency grows by the second (a bare producer at 5,000/s: p99 10.5, 21.7, 37.1 ms in three \
          10 s windows); every topic is used once before the run, so that no measured event waits \
          for its metadata.\n\n",

@@ -81,7 +81,7 @@ pub fn run(options: &Options) -> String {
     out.push_str(&format!(
         "\nEach run: a fresh cluster with its own mock broker; {BURSTS} bursts of 50,000 events (one \
          transaction each) drained, each timed from its commit until the receipts cover it (single \
-         bursts on this shared machine differ by up to 1.5×), the drain columns giving their median \
+         bursts on this shared machine differ widely: see each range), the drain columns giving their median \
          and range; then, with or without an idle REPEATABLE READ transaction opened, the steady \
          rate for the given minutes, to a fresh topic every 30 s window (see scenario 2; every topic \
          used once before) (commit → consumer p99 per 30 s window, and the time of `SELECT * FROM \

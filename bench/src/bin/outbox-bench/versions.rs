@@ -12,6 +12,8 @@ use outbox_pg_harness::receipts_mark;
 use crate::{cluster, latency, server_version, Options};
 
 const TOPIC: &str = "bench.versions";
+/// The rate of the majors' latency runs, events/s.
+const LATENCY_RATE: u32 = 5000;
 
 pub fn run(options: &Options) -> String {
     let majors: Vec<String> = std::env::var("BENCH_VERSIONS")
@@ -36,11 +38,11 @@ pub fn run(options: &Options) -> String {
         let topics = Topics::rotating(
             &format!("{TOPIC}.{major}"),
             duration,
-            rotation_period(5000),
+            rotation_period(LATENCY_RATE),
             6,
         );
         let broker = Broker::mock(&topics.specs());
-        let summary = latency::measure_latency(&broker, &topics, 5000, duration, true, &[]);
+        let summary = latency::measure_latency(&broker, &topics, LATENCY_RATE, duration, true, &[]);
         let [p50, p95, p99, max] = summary.cells();
         println!("versions [{version}]: drain {rate:.0}/s, latency {summary:?}");
         writeln!(
@@ -53,11 +55,11 @@ pub fn run(options: &Options) -> String {
         Some(bin) => std::env::set_var("OUTBOX_PG_BIN", bin),
         None => std::env::remove_var("OUTBOX_PG_BIN"),
     }
-    out.push_str(
-        "\nSame settings as scenarios 1 and 2 (`synchronous_commit = off` for the latency run, a fresh topic \
-         every 1 s); the majors \
-         run one after the other on the same machine.\n\n",
-    );
+    out.push_str(&format!(
+        "\nSame settings as scenarios 1 and 2 (`synchronous_commit = off` for the latency run, a \
+             fresh topic every {} s); the majors run one after the other on the same machine.\n\n",
+        rotation_period(LATENCY_RATE).as_secs_f64()
+    ));
     out
 }
 
