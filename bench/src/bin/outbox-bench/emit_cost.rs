@@ -9,7 +9,7 @@ use outbox_pg_harness::PgCluster;
 use crate::{cluster, Options};
 
 pub fn run(options: &Options) -> String {
-    let seconds = if options.quick { 5 } else { 15 };
+    let seconds = if options.quick { 5 } else { 10 };
     let history: i64 = if options.quick { 100_000 } else { 1_000_000 };
     let cluster = cluster(
         "127.0.0.1:9",
@@ -46,24 +46,38 @@ pub fn run(options: &Options) -> String {
 
     let mut out = format!(
         "## 3. Emit cost: pgbench, {seconds} s per run, {history} rows already in each table\n\n\
-         | commit | clients | business insert + `outbox.emit()` TPS | business insert + classic INSERT TPS | ratio |\n|---|---|---|---|---|\n"
+         | commit | clients | business insert + `outbox.emit()` TPS | business insert + classic INSERT TPS | ratio | pairs: median ratio (range, below 1) |\n|---|---|---|---|---|---|\n"
     );
     for (label, synchronous_commit) in [("fsync'd", "on"), ("asynchronous", "off")] {
         cluster.set("synchronous_commit", synchronous_commit);
         for clients in [1, 8] {
-            // Three alternating runs each, each after a checkpoint; the median of each is reported.
-            let (mut outbox, mut classic) = (Vec::new(), Vec::new());
-            for _ in 0..PGBENCH_ROUNDS {
-                db.batch_execute("CHECKPOINT").unwrap();
-                classic.push(pgbench(&cluster, &classic_script, clients, seconds));
-                db.batch_execute("CHECKPOINT").unwrap();
-                outbox.push(pgbench(&cluster, &outbox_script, clients, seconds));
+            // Alternating runs, each after a checkpoint, the two scripts taking turns at going
+            // first; each script's median is reported, and each round's pair as a ratio, since
+            // this machine's speed drifts more between rounds than within one.
+            let (mut outbox, mut classic, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..PGBENCH_ROUNDS {
+                let mut run = |script| {
+                    db.batch_execute("CHECKPOINT").unwrap();
+                    pgbench(&cluster, script, clients, seconds)
+                };
+                let (o, c) = if round % 2 == 0 {
+                    let c = run(&classic_script);
+                    (run(&outbox_script), c)
+                } else {
+                    let o = run(&outbox_script);
+                    (o, run(&classic_script))
+                };
+                outbox.push(o);
+                classic.push(c);
+                pairs.push(o / c);
             }
-            let (outbox, classic) = (median(outbox), median(classic));
-            println!("emit cost, {label}, {clients} clients: outbox {outbox:.0} TPS, classic {classic:.0} TPS");
+            let below = pairs.iter().filter(|&&r| r < 1.0).count();
+            let (lowest, highest) = (min(&pairs), max(&pairs));
+            let (outbox, classic, paired) = (median(outbox), median(classic), median(pairs));
+            println!("emit cost, {label}, {clients} clients: outbox {outbox:.0} TPS, classic {classic:.0} TPS, pairs {paired:.3}");
             writeln!(
                 out,
-                "| {label} | {clients} | {outbox:.0} | {classic:.0} | {:.2}× |",
+                "| {label} | {clients} | {outbox:.0} | {classic:.0} | {:.2}× | {paired:.2}× ({lowest:.2}–{highest:.2}, {below} of {PGBENCH_ROUNDS}) |",
                 outbox / classic
             )
             .unwrap();
@@ -74,15 +88,16 @@ pub fn run(options: &Options) -> String {
          (pgbench -M prepared). The classic table has a random UUIDv4 key and a partial index for its relay \
          (its rows marked published); outbox.events, as shipped, has a time-ordered UUIDv7 key, indexes on \
          (seq, id) and (xid, seq), and its stamp trigger. Each run \
-         starts after a CHECKPOINT, as every checkpoint cycle does in production; median of five \
-         alternating runs.\n\n",
+         starts after a CHECKPOINT, as every checkpoint cycle does in production; TPS: the median of \
+         each script's runs; pairs: each round's emit() run over its classic run (the two scripts \
+         taking turns at going first), their median, range and how many were below 1.\n\n",
     );
     out.push_str(&server_side_cost(&mut db));
     out
 }
 
-/// pgbench runs per script and setting; the median is reported.
-const PGBENCH_ROUNDS: usize = 5;
+/// pgbench rounds (one run of each script) per setting.
+const PGBENCH_ROUNDS: usize = 7;
 
 /// The server's own work per event, without the client round trips that dominate pgbench at one
 /// client: a PL/pgSQL loop of emit() calls against a loop of the classic INSERT (both prepared
@@ -120,7 +135,6 @@ fn server_side_cost(db: &mut postgres::Client) -> String {
         measure("outbox", &mut outbox);
         measure("empty", &mut empty);
     }
-    let min = |runs: &[f64]| runs.iter().cloned().fold(f64::INFINITY, f64::min);
     let loop_cost = min(&empty);
     let (outbox, classic) = (min(&outbox) - loop_cost, min(&classic) - loop_cost);
     println!(
@@ -133,6 +147,14 @@ fn server_side_cost(db: &mut postgres::Client) -> String {
          | {outbox:.2} µs | {classic:.2} µs | {:.2}× |\n\n",
         classic / outbox
     )
+}
+
+fn min(values: &[f64]) -> f64 {
+    values.iter().cloned().fold(f64::INFINITY, f64::min)
+}
+
+fn max(values: &[f64]) -> f64 {
+    values.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
