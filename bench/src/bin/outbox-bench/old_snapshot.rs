@@ -484,22 +484,9 @@ fn joined_ratios(values: &[f64]) -> String {
         .join(", ")
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let middle = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) {
-        (sorted[middle - 1] + sorted[middle]) / 2.0
-    } else {
-        sorted[middle]
-    }
-}
-
 /// A phase's bursts as their median and range.
 fn drains(values: &[f64]) -> String {
-    let (low, high) = values
-        .iter()
-        .fold((f64::MAX, 0.0f64), |(l, h), &v| (l.min(v), h.max(v)));
+    let (low, high) = range(values);
     format!("{:.0} ev/s ({low:.0}–{high:.0})", median(values))
 }
 
