@@ -309,15 +309,20 @@ impl Queue {
                  ORDER BY p.next_attempt_at, p.seq LIMIT $1",
                 &[INT8OID, BOOLOID],
             ),
+            // The parked events behind a released head, in order, each with whether it may
+            // travel with it: never failed itself (waiting, or a send a stop interrupted). The
+            // chain ends at the first that may not (a failed event goes alone; a dead one that
+            // holds its key stops it); dead events that do not hold are skipped.
             released_behind: Plan::prepare(
-                "SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0), p.attempts
+                "SELECT e.ctid::text, e.seq, e.id, coalesce(e.message_bytes, 0), p.attempts,
+                        p.state <> 'dead' AND p.attempts = 0
                  FROM outbox.parked h
                  JOIN outbox.parked p ON p.topic = h.topic AND p.aggregate_id = h.aggregate_id
-                                     AND p.seq > h.seq AND p.state = 'waiting'
+                                     AND p.seq > h.seq AND (p.state <> 'dead' OR $3)
                  JOIN outbox.events e ON e.id = p.event_id
                  WHERE h.event_id = $1
                  ORDER BY p.seq, p.event_id LIMIT $2",
-                &[UUIDOID, INT8OID],
+                &[UUIDOID, INT8OID, BOOLOID],
             ),
             insert_batch: Plan::prepare(
                 "INSERT INTO outbox.batches (below, upto, range_last_seq, range_after_seq,
@@ -470,7 +475,8 @@ impl Queue {
                 continue;
             }
             // Never failed itself (released, or interrupted by a shutdown): it travels with the
-            // events waiting behind it.
+            // parked events behind it, up to the first that may not travel (that one heads its
+            // key next; skipping it would publish what follows before it).
             if !budget.admits(head.bytes) {
                 claim.more = true;
                 break;
@@ -479,18 +485,22 @@ impl Queue {
                 &[
                     Arg::uuid(head.key.1),
                     Arg::int8(budget.events_left() as i64),
+                    Arg::boolean(dead_holds),
                 ],
                 true,
             );
             let mut chain = vec![head];
             for i in 0..rows.len() {
+                if !rows.boolean(i, 6).unwrap_or(false) {
+                    break;
+                }
                 match candidate(&rows, i, true) {
                     Some(next) if budget.admits(next.bytes) => chain.push(next),
                     Some(_) => {
                         claim.more = true;
                         break;
                     }
-                    None => {}
+                    None => break,
                 }
             }
             drop(rows);

@@ -296,6 +296,18 @@ impl CountedMock {
         }
     }
 
+    /// Delays every answer of the broker by `ms` (0: none).
+    pub fn set_round_trip_ms(&self, ms: i32) {
+        // SAFETY: a live cluster and its one broker.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_mock_broker_set_rtt(self.cluster, MOCK_BROKER, ms)
+        };
+        assert_eq!(
+            err,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
+    }
+
     /// Injected produce errors not hit yet.
     pub fn produce_errors_left(&self) -> usize {
         let mut left = 0usize;

@@ -341,6 +341,23 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
+        // A failing test shows what the worker said: CI keeps nothing else of the cluster.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("outbox_pg") || l.contains("WARNING") || l.contains("ERROR"))
+                .collect();
+            eprintln!(
+                "--- the last {} of {} worker and warning lines of {}:",
+                lines.len().min(300),
+                lines.len(),
+                self.log_path().display()
+            );
+            for line in &lines[lines.len().saturating_sub(300)..] {
+                eprintln!("{line}");
+            }
+        }
         let _ = as_postgres_command()
             .arg(pg_bin().join("pg_ctl"))
             .args([

@@ -273,6 +273,12 @@ pub struct Audit {
     pub lost: usize,
     pub phantoms: usize,
     pub order_violations: usize,
+    /// Each violation: the event that came late, and the later event of its key that came
+    /// before it (the one with the highest n so far).
+    pub late: Vec<(String, String)>,
+    /// The first violations, for the failure message (key, n, the highest n seen before it,
+    /// ids, partition and offset), each with the id of the event that came before it.
+    pub violation_examples: Vec<(String, String)>,
     pub duplicates: usize,
 }
 
@@ -290,18 +296,31 @@ impl Audit {
             .count();
         // Per aggregate, first arrivals must come in emit order (n increasing).
         let mut seen: HashSet<&str> = HashSet::new();
-        let mut highest: HashMap<&str, i64> = HashMap::new();
-        let mut order_violations = 0;
+        // Per key: the highest n so far, and its event's id.
+        let mut highest: HashMap<&str, (i64, &str)> = HashMap::new();
+        let mut late = Vec::new();
+        let mut violation_examples = Vec::new();
         for message in received {
-            if !seen.insert(message.header("outbox-id")) {
+            let id = message.header("outbox-id");
+            if !seen.insert(id) {
                 continue;
             }
             let n = message.payload_json()["n"].as_i64().unwrap_or(0);
-            let top = highest.entry(message.key.as_str()).or_insert(0);
-            if n < *top {
-                order_violations += 1;
+            let top = highest.entry(message.key.as_str()).or_insert((0, ""));
+            if n < top.0 {
+                late.push((id.to_string(), top.1.to_string()));
+                if violation_examples.len() < 10 {
+                    violation_examples.push((
+                        top.1.to_string(),
+                        format!(
+                            "key {} n {n} (id {id}, partition {} offset {}) after n {} (id {})",
+                            message.key, message.partition, message.offset, top.0, top.1
+                        ),
+                    ));
+                }
+            } else {
+                *top = (n, id);
             }
-            *top = (*top).max(n);
         }
         Audit {
             committed: table_ids.len(),
@@ -314,9 +333,23 @@ impl Audit {
             received: received.len(),
             lost,
             phantoms,
-            order_violations,
+            order_violations: late.len(),
+            late,
+            violation_examples,
             duplicates: received.len() - received_ids.len(),
         }
+    }
+
+    /// Sets aside the violations behind an event the worker itself reported as published before
+    /// an earlier event of its key (`reported`): the broker stored it although that earlier one
+    /// was refused. Returns how many were set aside; the rest stay violations.
+    pub fn set_aside_reported(&mut self, reported: &HashSet<String>) -> usize {
+        let before = self.late.len();
+        self.late.retain(|(_, ahead)| !reported.contains(ahead));
+        self.violation_examples
+            .retain(|(ahead, _)| !reported.contains(ahead));
+        self.order_violations = self.late.len();
+        before - self.late.len()
     }
 
     /// Sanity: everything the sessions saw committed is in the table, nothing they rolled back is.
