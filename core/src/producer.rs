@@ -311,6 +311,12 @@ impl Publisher {
             .purge(PurgeConfig::default().queue().inflight());
     }
 
+    /// Withdraws the messages not yet in a request (reported `Undelivered`); those already in
+    /// one keep the outcome the broker gives them.
+    pub fn withdraw_queued(&self) {
+        self.producer.purge(PurgeConfig::default().queue());
+    }
+
     /// The producer's fatal error, if it hit one: it cannot send any more.
     pub fn fatal_error(&self) -> Option<String> {
         self.producer

@@ -601,8 +601,9 @@ impl Kafka {
 
     /// Waits a moment (WAIT_SLICE at most) for reports of what is in `flight`. Signals are
     /// obeyed at every step: a stop gives in-flight messages STOP_GRACE, then withdraws them; a
-    /// settings change, a stopped producer, `outbox.delivery_timeout` or a stall withdraw them
-    /// too, and reports still missing WITHDRAW_GRACE after a withdrawal are given up on.
+    /// settings change, `outbox.delivery_timeout` or a stall withdraw them too; a stopped
+    /// producer withdraws what it has not put in a request yet. Reports still missing
+    /// WITHDRAW_GRACE after a withdrawal are given up on.
     pub fn step(&mut self, shipments: &mut [Shipment], flight: &mut Flight, how: &Shipping) {
         if flight.done() {
             return;
@@ -642,7 +643,14 @@ impl Kafka {
                         );
                         self.replace = true;
                     }
-                    self.publisher.withdraw_all();
+                    if reason == "the producer stopped" {
+                        // Requests it made before it stopped still go out, and the broker may
+                        // store them: their real outcome is waited for (within the grace), so
+                        // that a stored event is not taken for one that was not.
+                        self.publisher.withdraw_queued();
+                    } else {
+                        self.publisher.withdraw_all();
+                    }
                     flight.withdrawn = Some((now, reason));
                 }
                 Some((at, _)) if now >= at + WITHDRAW_GRACE => {
