@@ -666,6 +666,10 @@ impl Kafka {
                     self.replace = true;
                     return;
                 }
+                // Kafka refuses the requests made behind the one that stopped the producer (out
+                // of order sequence) and librdkafka puts their messages back in its queue without
+                // a report: withdraw them as they come back.
+                Some((_, "the producer stopped")) => self.publisher.withdraw_queued(),
                 Some(_) => {}
             }
         }

@@ -114,7 +114,7 @@ pub struct Claim {
     pub group: Vec<Shipment>,
     /// New events of a topic and key that has parked events: they wait behind those, unsent.
     pub held: Vec<uuid::Uuid>,
-    /// The topics and keys of `held`.
+    /// The topics and keys of `held`, and those a dead row holds (`outbox.dead_events = hold`).
     pub held_keys: HashSet<(String, String)>,
     pub unreadable: Vec<Unreadable>,
     /// The position once this claim is recorded (None: unchanged).
@@ -164,6 +164,7 @@ pub struct Queue {
     held_back: Plan,
     due_heads: Plan,
     released_behind: Plan,
+    keys_of: Plan,
     insert_batch: Plan,
     park: Plan,
     unpark: Plan,
@@ -324,6 +325,12 @@ impl Queue {
                  ORDER BY p.seq, p.event_id LIMIT $2",
                 &[UUIDOID, INT8OID, BOOLOID],
             ),
+            // The topic, key and seq of rows that cannot become messages.
+            keys_of: Plan::prepare(
+                "SELECT coalesce(e.topic, e.event_type), e.aggregate_id, e.seq
+                 FROM outbox.events e WHERE e.id = ANY ($1)",
+                &[UUIDARRAYOID],
+            ),
             insert_batch: Plan::prepare(
                 "INSERT INTO outbox.batches (below, upto, range_last_seq, range_after_seq,
                                              range_after_id, late_after_seq, late_after_id,
@@ -445,6 +452,9 @@ impl Queue {
             self.claim_window(&mut claim, position, &mut budget);
             if anything_parked && !claim.group.is_empty() {
                 self.hold_back_parked_keys(&mut claim, dead_holds);
+            }
+            if dead_holds && !claim.unreadable.is_empty() {
+                self.hold_behind_unreadable(&mut claim);
             }
             claim
         })
@@ -719,6 +729,42 @@ impl Queue {
                 false
             }
             None => true,
+        });
+    }
+
+    /// With `outbox.dead_events = hold`: the claim's rows that cannot become messages die, and
+    /// hold their topic and key like any dead event. Later events of those keys leave the group
+    /// (new ones wait, parked ones stay as they are), and the keys join `held_keys` so that a
+    /// batch sent behind this one holds them too.
+    fn hold_behind_unreadable(&self, claim: &mut Claim) {
+        let ids: Vec<pgrx::Uuid> = claim
+            .unreadable
+            .iter()
+            .map(|u| pgrx::Uuid::from_bytes(*u.id.as_bytes()))
+            .collect();
+        let rows = self.keys_of.run(&[Arg::from_into(ids)], true);
+        // A topic or key that is not text in UTF-8 cannot be any sendable event's.
+        let text = |i: usize, column: i32| {
+            rows.bytes(i, column)
+                .and_then(|bytes| encoding::to_utf8(bytes).ok().map(|t| t.into_owned()))
+        };
+        let dead: Vec<((String, String), Seq)> = (0..rows.len())
+            .filter_map(|i| Some(((text(i, 1)?, text(i, 2)?), rows.int8(i, 3)?)))
+            .collect();
+        drop(rows);
+        for (key, _) in &dead {
+            claim.held_keys.insert(key.clone());
+        }
+        let held = &mut claim.held;
+        claim.group.retain(|s| {
+            let (topic, key) = s.event.order_key();
+            let behind = dead
+                .iter()
+                .any(|((t, k), seq)| t == topic && k == key && s.event.seq > *seq);
+            if behind && !s.parked {
+                held.push(s.event.id);
+            }
+            !behind
         });
     }
 

@@ -220,6 +220,46 @@ fn with_dead_events_skip_the_later_events_of_its_topic_and_key_go_on() {
     );
 }
 
+/// A row that cannot become a message (headers a superuser wrote that are not strings) dies at
+/// once; with `hold` it holds the later events of its key claimed with it, like any dead event.
+#[test]
+fn with_dead_events_hold_an_unreadable_row_holds_its_key() {
+    let mock = mock_cluster(&[("t", 1)]);
+    let cluster = dead_event_cluster(&mock, "hold");
+    let mut db = cluster.connect();
+    db.batch_execute(
+        "SELECT outbox.pause();
+         INSERT INTO outbox.events (id, event_type, aggregate_id, payload, headers)
+         VALUES (gen_random_uuid(), 't', 'k', '{}', '{\"h\": 1}');
+         SELECT outbox.emit('t', 'k', jsonb_build_object('n', g)) FROM generate_series(1, 2) g;
+         SELECT outbox.emit('t', 'other', jsonb_build_object('n', 1));
+         SELECT outbox.resume();",
+    )
+    .unwrap();
+    assert!(wait_until(TIMEOUT, || count_dead(
+        &mut db,
+        "aggregate_id = 'k'"
+    ) == 1));
+    assert!(wait_until(TIMEOUT, || count_published(
+        &mut db,
+        "e.aggregate_id = 'other'"
+    ) == 1));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count_published(&mut db, "e.aggregate_id = 'k'"),
+        0,
+        "the later events of its key wait behind the dead row"
+    );
+    db.batch_execute("SELECT outbox.discard(id) FROM outbox.dead_letters WHERE aggregate_id = 'k'")
+        .unwrap();
+    assert!(wait_until_published(&mut db, TIMEOUT));
+    assert_eq!(
+        keys_and_n(&mock, "t", 3),
+        [("other".into(), 1), ("k".into(), 1), ("k".into(), 2)],
+        "once it is discarded, the key's events follow in order"
+    );
+}
+
 #[test]
 fn with_dead_events_hold_the_topic_and_key_waits_for_retry_or_discard() {
     let mock = mock_cluster(&[("t", 1)]);
