@@ -327,7 +327,7 @@ impl Queue {
             ),
             // The topic, key and seq of rows that cannot become messages.
             keys_of: Plan::prepare(
-                "SELECT coalesce(e.topic, e.event_type), e.aggregate_id, e.seq
+                "SELECT coalesce(e.topic, e.event_type), e.aggregate_id, e.seq, e.id
                  FROM outbox.events e WHERE e.id = ANY ($1)",
                 &[UUIDARRAYOID],
             ),
@@ -748,8 +748,13 @@ impl Queue {
             rows.bytes(i, column)
                 .and_then(|bytes| encoding::to_utf8(bytes).ok().map(|t| t.into_owned()))
         };
-        let dead: Vec<((String, String), Seq)> = (0..rows.len())
-            .filter_map(|i| Some(((text(i, 1)?, text(i, 2)?), rows.int8(i, 3)?)))
+        let dead: Vec<((String, String), Key)> = (0..rows.len())
+            .filter_map(|i| {
+                Some((
+                    (text(i, 1)?, text(i, 2)?),
+                    (rows.int8(i, 3)?, rows.uuid(i, 4)?),
+                ))
+            })
             .collect();
         drop(rows);
         for (key, _) in &dead {
@@ -760,7 +765,7 @@ impl Queue {
             let (topic, key) = s.event.order_key();
             let behind = dead
                 .iter()
-                .any(|((t, k), seq)| t == topic && k == key && s.event.seq > *seq);
+                .any(|((t, k), at)| t == topic && k == key && (s.event.seq, s.event.id) > *at);
             if behind && !s.parked {
                 held.push(s.event.id);
             }

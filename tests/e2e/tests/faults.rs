@@ -839,7 +839,7 @@ fn permanent_failures_inside_batches(round_trip_ms: i32) {
         &audit,
         &format!("permanent produce errors inside batches of a hot aggregate (mock{})", if round_trip_ms > 0 { format!(", {round_trip_ms} ms round trips") } else { String::new() }),
         replaced * IN_FLIGHT,
-        &format!("{injected} errors hit (invalid record, record list too large, message too large); {parked} events parked, {} died, none of them on the broker; producer replaced {replaced} times; {} events the mock stored out of sequence, reported by the worker and left out of the order check ({stored_out_of_sequence} arrivals behind them)", dead.len(), reported.len()),
+        &format!("{injected} errors hit (invalid record, record list too large, message too large); {parked} events parked, {} died, none of them on the broker; producer replaced {replaced} times; {} events the mock stored out of sequence, reported by the worker and left out of the order check ({stored_out_of_sequence} violations)", dead.len(), reported.len()),
     );
 }
 
