@@ -325,7 +325,7 @@ impl Queue {
                  ORDER BY p.seq, p.event_id LIMIT $2",
                 &[UUIDOID, INT8OID, BOOLOID],
             ),
-            // The topic, key and seq of rows that cannot become messages.
+            // The topic, key and (seq, id) of rows that cannot become messages.
             keys_of: Plan::prepare(
                 "SELECT coalesce(e.topic, e.event_type), e.aggregate_id, e.seq, e.id
                  FROM outbox.events e WHERE e.id = ANY ($1)",
