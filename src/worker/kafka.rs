@@ -35,6 +35,9 @@ const TOPIC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between passes that delivered nothing (a broker refusing everything), growing.
 const RESEND_PAUSE_MIN: Duration = Duration::from_millis(50);
 const RESEND_PAUSE_MAX: Duration = Duration::from_secs(2);
+/// Why a flight is withdrawn when the producer hit a fatal error: only what it has not put in a
+/// request yet goes (see [`Kafka::step`]).
+const PRODUCER_STOPPED: &str = "the producer stopped";
 /// Minimum spacing of repeated broker-error log lines.
 const BROKER_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -621,7 +624,7 @@ impl Kafka {
         } else if self.new_settings_work() {
             Some("the producer settings changed")
         } else if self.publisher.fatal_error().is_some() {
-            Some("the producer stopped")
+            Some(PRODUCER_STOPPED)
         } else if how
             .delivery_timeout
             .is_some_and(|t| now >= flight.head_started + t)
@@ -643,7 +646,7 @@ impl Kafka {
                         );
                         self.replace = true;
                     }
-                    if reason == "the producer stopped" {
+                    if reason == PRODUCER_STOPPED {
                         // Requests it made before it stopped still go out, and the broker may
                         // store them: their real outcome is waited for (within the grace), so
                         // that a stored event is not taken for one that was not.
@@ -669,7 +672,7 @@ impl Kafka {
                 // Kafka refuses the requests made behind the one that stopped the producer (out
                 // of order sequence) and librdkafka puts their messages back in its queue without
                 // a report: withdraw them as they come back.
-                Some((_, "the producer stopped")) => self.publisher.withdraw_queued(),
+                Some((_, reason)) if reason == PRODUCER_STOPPED => self.publisher.withdraw_queued(),
                 Some(_) => {}
             }
         }

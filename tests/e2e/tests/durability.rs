@@ -227,13 +227,12 @@ fn with_dead_events_hold_an_unreadable_row_holds_its_key() {
     let mock = mock_cluster(&[("t", 1)]);
     let cluster = dead_event_cluster(&mock, "hold");
     let mut db = cluster.connect();
+    // One transaction (a multi-statement query): the worker claims all of it together.
     db.batch_execute(
-        "SELECT outbox.pause();
-         INSERT INTO outbox.events (id, event_type, aggregate_id, payload, headers)
+        "INSERT INTO outbox.events (id, event_type, aggregate_id, payload, headers)
          VALUES (gen_random_uuid(), 't', 'k', '{}', '{\"h\": 1}');
          SELECT outbox.emit('t', 'k', jsonb_build_object('n', g)) FROM generate_series(1, 2) g;
-         SELECT outbox.emit('t', 'other', jsonb_build_object('n', 1));
-         SELECT outbox.resume();",
+         SELECT outbox.emit('t', 'other', jsonb_build_object('n', 1));",
     )
     .unwrap();
     assert!(wait_until(TIMEOUT, || count_dead(
