@@ -249,6 +249,23 @@ fn with_dead_events_hold_an_unreadable_row_holds_its_key() {
         0,
         "the later events of its key wait behind the dead row"
     );
+    // Retried (revived: no longer in dead_letters), it cannot become a message either: it dies
+    // again and its key stays held.
+    let retried: i64 = db
+        .query_one("SELECT outbox.retry_dead()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(retried, 1);
+    assert!(
+        wait_until(TIMEOUT, || count_dead(&mut db, "aggregate_id = 'k'") == 1),
+        "a retried unreadable row dies again"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count_published(&mut db, "e.aggregate_id = 'k'"),
+        0,
+        "after the retry the later events of its key still wait"
+    );
     db.batch_execute("SELECT outbox.discard(id) FROM outbox.dead_letters WHERE aggregate_id = 'k'")
         .unwrap();
     assert!(wait_until_published(&mut db, TIMEOUT));
