@@ -73,7 +73,7 @@ COMMENT ON VIEW outbox.pending IS
 -- Events that failed outbox.max_attempts times and are no longer retried.
 CREATE VIEW outbox.dead_letters AS
 SELECT e.id, e.seq, e.event_type, e.aggregate_id, p.topic, e.payload, e.headers,
-       e.created_at, p.attempts AS publish_attempts, p.error, p.parked_at AS died_at
+       e.created_at, p.attempts AS publish_attempts, p.error, p.died_at
 FROM outbox.parked p JOIN outbox.events e ON e.id = p.event_id
 WHERE p.state = 'dead';
 
@@ -162,7 +162,8 @@ BEGIN
     ELSIF found_state = 'retrying' THEN
         UPDATE outbox.parked p SET next_attempt_at = clock_timestamp() WHERE p.event_id = retry.event_id;
     ELSE
-        UPDATE outbox.parked p SET state = 'waiting', attempts = 0, next_attempt_at = NULL
+        UPDATE outbox.parked p SET state = 'waiting', attempts = 0, next_attempt_at = NULL,
+                                   died_at = NULL
          WHERE p.event_id = retry.event_id;
         PERFORM outbox.advance_keys(ARRAY[event_id]);
     END IF;
@@ -180,7 +181,8 @@ DECLARE
     revived uuid[];
 BEGIN
     WITH dead AS (
-        UPDATE outbox.parked SET state = 'waiting', attempts = 0, next_attempt_at = NULL
+        UPDATE outbox.parked SET state = 'waiting', attempts = 0, next_attempt_at = NULL,
+                                 died_at = NULL
          WHERE state = 'dead' RETURNING event_id)
     SELECT coalesce(array_agg(event_id), '{}') INTO revived FROM dead;
     PERFORM outbox.advance_keys(revived);

@@ -92,8 +92,10 @@ CREATE TABLE outbox.parked (
     attempts         int         NOT NULL DEFAULT 0,
     next_attempt_at  timestamptz,
     error            text,
-    parked_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
-    CHECK ((state = 'retrying') = (next_attempt_at IS NOT NULL))
+    parked_at        timestamptz NOT NULL DEFAULT clock_timestamp(),  -- first parked
+    died_at          timestamptz,  -- when it last died; NULL if it died under 0.2.0 (not recorded)
+    CHECK ((state = 'retrying') = (next_attempt_at IS NOT NULL)),
+    CHECK (state = 'dead' OR died_at IS NULL)
 );
 COMMENT ON TABLE outbox.parked IS
     'Events waiting for a retry, waiting behind an earlier event of their topic and key, or dead.';

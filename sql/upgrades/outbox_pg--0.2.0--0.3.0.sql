@@ -48,8 +48,10 @@ CREATE TABLE outbox.parked (
     attempts         int         NOT NULL DEFAULT 0,
     next_attempt_at  timestamptz,
     error            text,
-    parked_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
-    CHECK ((state = 'retrying') = (next_attempt_at IS NOT NULL))
+    parked_at        timestamptz NOT NULL DEFAULT clock_timestamp(),  -- first parked
+    died_at          timestamptz,  -- when it last died; NULL if it died under 0.2.0 (not recorded)
+    CHECK ((state = 'retrying') = (next_attempt_at IS NOT NULL)),
+    CHECK (state = 'dead' OR died_at IS NULL)
 );
 COMMENT ON TABLE outbox.parked IS
     'Events waiting for a retry, waiting behind an earlier event of their topic and key, or dead.';
@@ -210,7 +212,7 @@ COMMENT ON VIEW outbox.pending IS
 
 CREATE VIEW outbox.dead_letters AS
 SELECT e.id, e.seq, e.event_type, e.aggregate_id, p.topic, e.payload, e.headers,
-       e.created_at, p.attempts AS publish_attempts, p.error, p.parked_at AS died_at
+       e.created_at, p.attempts AS publish_attempts, p.error, p.died_at
 FROM outbox.parked p JOIN outbox.events e ON e.id = p.event_id
 WHERE p.state = 'dead';
 COMMENT ON VIEW outbox.dead_letters IS
@@ -289,7 +291,8 @@ BEGIN
     ELSIF found_state = 'retrying' THEN
         UPDATE outbox.parked p SET next_attempt_at = clock_timestamp() WHERE p.event_id = retry.event_id;
     ELSE
-        UPDATE outbox.parked p SET state = 'waiting', attempts = 0, next_attempt_at = NULL
+        UPDATE outbox.parked p SET state = 'waiting', attempts = 0, next_attempt_at = NULL,
+                                   died_at = NULL
          WHERE p.event_id = retry.event_id;
         PERFORM outbox.advance_keys(ARRAY[event_id]);
     END IF;
@@ -306,7 +309,8 @@ DECLARE
     revived uuid[];
 BEGIN
     WITH dead AS (
-        UPDATE outbox.parked SET state = 'waiting', attempts = 0, next_attempt_at = NULL
+        UPDATE outbox.parked SET state = 'waiting', attempts = 0, next_attempt_at = NULL,
+                                 died_at = NULL
          WHERE state = 'dead' RETURNING event_id)
     SELECT coalesce(array_agg(event_id), '{}') INTO revived FROM dead;
     PERFORM outbox.advance_keys(revived);

@@ -351,17 +351,21 @@ impl Queue {
             ),
             park: Plan::prepare(
                 "INSERT INTO outbox.parked (event_id, seq, topic, aggregate_id, state, attempts,
-                                            next_attempt_at, error)
+                                            next_attempt_at, error, died_at)
                  SELECT e.id, e.seq, coalesce(e.topic, e.event_type), e.aggregate_id, d.state,
                         d.attempts,
-                        clock_timestamp() + d.delay_ms * interval '1 millisecond', d.error
+                        clock_timestamp() + d.delay_ms * interval '1 millisecond', d.error,
+                        CASE WHEN d.state = 'dead' THEN clock_timestamp() END
                  FROM unnest($1::uuid[], $2::text[], $3::int[], $4::float8[], $5::text[])
                       AS d(id, state, attempts, delay_ms, error)
                  JOIN outbox.events e ON e.id = d.id
                  ON CONFLICT (event_id) DO UPDATE
                     SET state = excluded.state, attempts = excluded.attempts,
                         next_attempt_at = excluded.next_attempt_at,
-                        error = coalesce(excluded.error, parked.error)",
+                        error = coalesce(excluded.error, parked.error),
+                        -- a death keeps its time; a new one (after a retry) is recorded
+                        died_at = CASE WHEN excluded.state = 'dead'
+                                       THEN coalesce(parked.died_at, excluded.died_at) END",
                 &[UUIDARRAYOID, TEXTARRAYOID, INT4ARRAYOID, FLOAT8ARRAYOID, TEXTARRAYOID],
             ),
             unpark: Plan::prepare(

@@ -220,6 +220,50 @@ fn with_dead_events_skip_the_later_events_of_its_topic_and_key_go_on() {
     );
 }
 
+/// `died_at` is when the event died: after its retries, not when it first failed; a death after
+/// `retry_dead()` or `retry(id)` is recorded anew, while `parked_at` keeps the first failure.
+#[test]
+fn a_dead_events_died_at_is_when_it_last_died() {
+    let mock = mock_cluster(&[("t", 1)]);
+    let cluster = dead_event_cluster(&mock, "skip");
+    let mut db = cluster.connect();
+    db.batch_execute(&format!("SELECT outbox.emit('t', 'p', {POISON})"))
+        .unwrap();
+    assert!(wait_until(TIMEOUT, || count_dead(&mut db, "true") == 1));
+    // Two attempts 100 ms apart (outbox.retry_backoff): it died at the second.
+    let times = "SELECT p.parked_at::text, d.died_at::text,
+                        d.died_at - p.parked_at >= interval '100 ms'
+                 FROM outbox.dead_letters d JOIN outbox.parked p ON p.event_id = d.id";
+    let row = db.query_one(times, &[]).unwrap();
+    let (parked_at, mut died_at): (String, String) = (row.get(0), row.get(1));
+    assert!(
+        row.get::<_, bool>(2),
+        "died_at ({died_at}) is the last attempt's time, not parked_at ({parked_at})"
+    );
+
+    for revive in [
+        "SELECT outbox.retry_dead()::int",
+        "SELECT outbox.retry(id)::int FROM outbox.dead_letters",
+    ] {
+        let revived: i32 = db.query_one(revive, &[]).unwrap().get(0);
+        assert_eq!(revived, 1, "{revive}");
+        assert!(
+            wait_until(TIMEOUT, || count_dead(
+                &mut db,
+                &format!("d.died_at - '{died_at}'::timestamptz >= interval '100 ms'")
+            ) == 1),
+            "after {revive}, it dies again (two attempts later) and that death is recorded"
+        );
+        let row = db.query_one(times, &[]).unwrap();
+        assert_eq!(
+            row.get::<_, String>(0),
+            parked_at,
+            "parked_at keeps the first failure"
+        );
+        died_at = row.get(1);
+    }
+}
+
 /// A row that cannot become a message (headers a superuser wrote that are not strings) dies at
 /// once; with `hold` it holds the later events of its key claimed with it, like any dead event.
 #[test]

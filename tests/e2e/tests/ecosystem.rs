@@ -492,21 +492,23 @@ fn upgrading_from_0_2_0_keeps_events_in_flight_and_publishes_nothing_twice() {
         .unwrap()
         .get(0);
     assert_eq!(history, 2, "published history keeps its receipts");
-    let dead: Vec<(String, i32, String)> = db
+    // 0.2.0 did not record when an event died: died_at is NULL, not the time of the upgrade.
+    let dead: Vec<(String, i32, String, bool)> = db
         .query(
-            "SELECT aggregate_id, publish_attempts, error FROM outbox.dead_letters",
+            "SELECT aggregate_id, publish_attempts, error, died_at IS NULL FROM outbox.dead_letters",
             &[],
         )
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
     assert_eq!(
         dead,
         [(
             "dead".to_string(),
             5,
-            "MessageSizeTooLarge (earlier)".to_string()
+            "MessageSizeTooLarge (earlier)".to_string(),
+            true
         )]
     );
     assert!(wait_until_published(&mut db, TIMEOUT));
