@@ -288,6 +288,14 @@ impl PgCluster {
         pidfile.lines().next().unwrap().trim().parse().unwrap()
     }
 
+    /// CPU time the whole server has used since it started: the postmaster, the processes it
+    /// runs now and those that have ended (a backend's time counts once its postmaster reaped it).
+    pub fn cpu_time(&self) -> std::time::Duration {
+        let postmaster = self.postmaster_pid();
+        let (own, ended) = crate::process::cpu_time(postmaster);
+        own + ended + crate::process::children_cpu_time(postmaster)
+    }
+
     /// Pid of the outbox_pg launcher, from pg_stat_activity.
     pub fn launcher_pid(&self) -> Option<i32> {
         self.connect()

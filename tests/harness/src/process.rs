@@ -54,3 +54,56 @@ pub fn run(command: &mut std::process::Command) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// CPU time (user + system) used by `pid` itself, and by those of its children that ended and
+/// were reaped by it: fields 14–17 of /proc/<pid>/stat.
+pub fn cpu_time(pid: i32) -> (Duration, Duration) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which may itself hold spaces and parentheses.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    let ticks = |from: usize| fields.get(from..from + 2).map_or(0, |f| f[0] + f[1]);
+    // Field n of stat is fields[n - 3]: state is field 3.
+    (from_ticks(ticks(14 - 3)), from_ticks(ticks(16 - 3)))
+}
+
+/// CPU time of the processes whose parent is `parent`, while they run.
+pub fn children_cpu_time(parent: i32) -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| parent_of(pid) == Some(parent))
+        .map(|pid| cpu_time(pid).0)
+        .sum()
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn from_ticks(ticks: u64) -> Duration {
+    static PER_SECOND: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let per_second = *PER_SECOND.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100)
+    });
+    Duration::from_secs_f64(ticks as f64 / per_second as f64)
+}

@@ -4,12 +4,14 @@
 use std::fmt::Write as _;
 
 use outbox_pg_bench::*;
-use outbox_pg_harness::PgCluster;
+use outbox_pg_harness::{process, wait_until, PgCluster};
 
 use crate::{cluster, Options};
 
 pub fn run(options: &Options) -> String {
-    let seconds = if options.quick { 5 } else { 10 };
+    // Many short rounds rather than a few long ones: one pair moves by ±10–20% on this shared
+    // 2-core machine, so the number of pairs is what resolves a difference of a few percent.
+    let (rounds, seconds) = if options.quick { (6, 3) } else { (20, 5) };
     let history: i64 = if options.quick { 100_000 } else { 1_000_000 };
     let cluster = cluster(
         "127.0.0.1:9",
@@ -66,9 +68,12 @@ pub fn run(options: &Options) -> String {
     )
     .unwrap();
 
-    let mut out = format!(
-        "## 3. Emit cost: pgbench, {seconds} s per run, {history} rows already in each table\n\n\
-         | commit | clients | business insert + `outbox.emit()` TPS | business insert + classic INSERT TPS | ratio of the medians | pairs: median ratio (range, below 1) | classic `INSERT … RETURNING id` TPS | emit() over it: pairs' median (range, below 1) |\n|---|---|---|---|---|---|---|---|\n"
+    let mut tps_table = format!(
+        "## 3. Emit cost: pgbench, {rounds} rounds of {seconds} s per setting, {history} rows already in each table\n\n\
+         | commit | clients | business insert + `outbox.emit()` TPS | business insert + classic INSERT TPS | classic `INSERT … RETURNING id` TPS | emit() over classic: pairs' median (range, below 1) | emit() over RETURNING: pairs' median (range, below 1) |\n|---|---|---|---|---|---|---|\n"
+    );
+    let mut cpu_table = String::from(
+        "| commit | clients | server CPU per transaction: emit() / classic / RETURNING | emit() over classic: pairs' median (range, below 1) | pgbench CPU per transaction: emit() / classic / RETURNING | emit() over classic: pairs' median (range, below 1) |\n|---|---|---|---|---|---|\n",
     );
     for (label, synchronous_commit) in [("fsync'd", "on"), ("asynchronous", "off")] {
         cluster.set("synchronous_commit", synchronous_commit);
@@ -79,8 +84,8 @@ pub fn run(options: &Options) -> String {
             // and each round's pairs as ratios, to show how far one comparison moves on this
             // machine.
             let scripts = [&classic_script, &outbox_script, &returning_script];
-            let mut tps = [Vec::new(), Vec::new(), Vec::new()];
-            for round in 0..PGBENCH_ROUNDS {
+            let mut runs: [Vec<Run>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+            for round in 0..rounds {
                 for turn in 0..scripts.len() {
                     let which = if round % 2 == 0 {
                         turn
@@ -88,35 +93,63 @@ pub fn run(options: &Options) -> String {
                         scripts.len() - 1 - turn
                     };
                     db.batch_execute("CHECKPOINT").unwrap();
-                    tps[which].push(pgbench(&cluster, scripts[which], clients, seconds));
+                    runs[which].push(pgbench(&cluster, &mut db, scripts[which], clients, seconds));
                 }
             }
-            let [classic, outbox, returning] = &tps;
-            let (paired, spread) = pairs(outbox, classic);
-            let (paired_returning, spread_returning) = pairs(outbox, returning);
-            let (outbox, classic, returning) = (median(outbox), median(classic), median(returning));
-            println!("emit cost, {label}, {clients} clients: outbox {outbox:.0} TPS, classic {classic:.0} TPS, pairs {paired:.3}; returning {returning:.0} TPS, pairs {paired_returning:.3}");
+            let of = |which: usize, field: fn(&Run) -> f64| -> Vec<f64> {
+                runs[which].iter().map(field).collect()
+            };
+            let (classic, outbox, returning) = (0, 1, 2);
+            let tps = |which| of(which, |r| r.tps);
+            let server = |which| of(which, |r| r.server_us);
+            let client = |which| of(which, |r| r.client_us);
+            let (paired, spread) = pairs(&tps(outbox), &tps(classic));
+            let (paired_returning, spread_returning) = pairs(&tps(outbox), &tps(returning));
+            let (server_paired, server_spread) = pairs(&server(outbox), &server(classic));
+            let (client_paired, client_spread) = pairs(&client(outbox), &client(classic));
+            let [tps_o, tps_c, tps_r] = [outbox, classic, returning].map(|w| median(&tps(w)));
+            let [server_o, server_c, server_r] =
+                [outbox, classic, returning].map(|w| median(&server(w)));
+            let [client_o, client_c, client_r] =
+                [outbox, classic, returning].map(|w| median(&client(w)));
+            println!(
+                "emit cost, {label}, {clients} clients: outbox {tps_o:.0} TPS, classic {tps_c:.0} TPS, pairs {paired:.3}; \
+                 returning {tps_r:.0} TPS, pairs {paired_returning:.3}; server CPU per transaction pairs {server_paired:.3}"
+            );
             writeln!(
-                out,
-                "| {label} | {clients} | {outbox:.0} | {classic:.0} | {:.2}× | {paired:.3}× {spread} | {returning:.0} | {paired_returning:.3}× {spread_returning} |",
-                outbox / classic
+                tps_table,
+                "| {label} | {clients} | {tps_o:.0} | {tps_c:.0} | {tps_r:.0} | {paired:.3}× {spread} | {paired_returning:.3}× {spread_returning} |"
+            )
+            .unwrap();
+            writeln!(
+                cpu_table,
+                "| {label} | {clients} | {server_o:.1} / {server_c:.1} / {server_r:.1} µs | {server_paired:.3}× {server_spread} | {client_o:.1} / {client_c:.1} / {client_r:.1} µs | {client_paired:.3}× {client_spread} |"
             )
             .unwrap();
         }
     }
+    let mut out = tps_table;
     out.push_str(
         "\nBoth scripts insert the same business row and the same ≈200-byte payload in one transaction \
          (pgbench -M prepared). The classic table has a random UUIDv4 key and a partial index for its relay \
          (its rows marked published); outbox.events, as shipped, has a time-ordered UUIDv7 key, indexes on \
          (seq, id) and (xid, seq), and its stamp trigger. Each run \
          starts after a CHECKPOINT, as every checkpoint cycle does in production; TPS: the median of \
-         each script's runs; ratio: emit()'s median over classic's; pairs: each round's emit() run \
+         each script's runs; pairs: each round's emit() run \
          over its classic run (emit() running between the two classic scripts, which take turns at going first), their median, range \
          and how many were below 1. emit() returns the event's id, so its client receives a row \
-         per transaction that a bare INSERT does not send; the last two columns compare it with \
+         per transaction that a bare INSERT does not send; the RETURNING columns compare it with \
          the classic INSERT returning its id, since pgbench shares the machine's cores with the \
-         server.\n\n",
+         server.\n\n\
+         What each transaction cost in CPU time, in the same runs: the whole server's (every \
+         process of the cluster, from /proc, counted from after the checkpoint until pgbench's \
+         backends have ended) and pgbench's, over the transactions pgbench completed; medians, \
+         and pairs as above (here below 1 means emit() cost less). With every core busy, TPS is \
+         the machine's CPU over this cost; unlike TPS it does not count time the machine gave to \
+         other work.\n\n",
     );
+    out.push_str(&cpu_table);
+    out.push('\n');
     out.push_str(&server_side_cost(&mut db));
     out
 }
@@ -132,9 +165,6 @@ fn pairs(runs: &[f64], against: &[f64]) -> (f64, String) {
         format!("({lowest:.3}–{highest:.3}, {below} of {})", ratios.len()),
     )
 }
-
-/// pgbench rounds (one run of each script) per setting.
-const PGBENCH_ROUNDS: usize = 8;
 
 /// The server's own work per event, without the client round trips that dominate pgbench at one
 /// client: a PL/pgSQL loop of emit() calls against a loop of the classic INSERT (both prepared
@@ -186,7 +216,23 @@ fn server_side_cost(db: &mut postgres::Client) -> String {
     )
 }
 
-fn pgbench(cluster: &PgCluster, script: &std::path::Path, clients: u32, seconds: u32) -> f64 {
+/// One pgbench run: its throughput, and the CPU time per transaction of the server and of
+/// pgbench itself.
+struct Run {
+    tps: f64,
+    server_us: f64,
+    client_us: f64,
+}
+
+fn pgbench(
+    cluster: &PgCluster,
+    db: &mut postgres::Client,
+    script: &std::path::Path,
+    clients: u32,
+    seconds: u32,
+) -> Run {
+    let me = std::process::id() as i32;
+    let (server_before, client_before) = (cluster.cpu_time(), process::cpu_time(me).1);
     let output = std::process::Command::new(outbox_pg_harness::cluster::pg_bin().join("pgbench"))
         .args([
             "-n",
@@ -212,10 +258,34 @@ fn pgbench(cluster: &PgCluster, script: &std::path::Path, clients: u32, seconds:
         .arg("postgres")
         .output()
         .expect("pgbench");
+    // pgbench has ended (its time is in ours); its backends end after it, and their time counts
+    // once the postmaster has reaped them.
+    let client = process::cpu_time(me).1 - client_before;
+    let ended = wait_until(std::time::Duration::from_secs(10), || {
+        let left: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbench'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        left == 0
+    });
+    assert!(ended, "pgbench's backends end");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let server = cluster.cpu_time() - server_before;
     let text = String::from_utf8_lossy(&output.stdout);
-    text.lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("pgbench: {text}{}", String::from_utf8_lossy(&output.stderr)))
+    let figure = |prefix: &str, nth: usize| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(nth))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("pgbench: {text}{}", String::from_utf8_lossy(&output.stderr)))
+    };
+    let transactions = figure("number of transactions actually processed:", 5);
+    Run {
+        tps: figure("tps = ", 2),
+        server_us: server.as_secs_f64() * 1e6 / transactions,
+        client_us: client.as_secs_f64() * 1e6 / transactions,
+    }
 }
