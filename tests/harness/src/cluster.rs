@@ -292,8 +292,16 @@ impl PgCluster {
     /// runs now and those that have ended (a backend's time counts once its postmaster reaped it).
     pub fn cpu_time(&self) -> std::time::Duration {
         let postmaster = self.postmaster_pid();
-        let (own, ended) = crate::process::cpu_time(postmaster);
-        own + ended + crate::process::children_cpu_time(postmaster)
+        loop {
+            // A child reaped while its siblings are read would be missed (or, read the other
+            // way round, counted twice): read again until no child ended meanwhile.
+            let (_, ended) = crate::process::cpu_time(postmaster);
+            let running = crate::process::children_cpu_time(postmaster);
+            let (own, ended_after) = crate::process::cpu_time(postmaster);
+            if ended_after == ended {
+                return own + ended + running;
+            }
+        }
     }
 
     /// Pid of the outbox_pg launcher, from pg_stat_activity.

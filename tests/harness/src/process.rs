@@ -56,10 +56,17 @@ pub fn run(command: &mut std::process::Command) -> String {
 }
 
 /// CPU time (user + system) used by `pid` itself, and by those of its children that ended and
-/// were reaped by it: fields 14–17 of /proc/<pid>/stat.
+/// were reaped by it. Its own is to the nanosecond (/proc/<pid>/schedstat); the reaped children's
+/// is in clock ticks (fields 16–17 of /proc/<pid>/stat), which accumulate unrounded, so that
+/// the sum is off by less than one tick.
 pub fn cpu_time(pid: i32) -> (Duration, Duration) {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name, which may itself hold spaces and parentheses.
+    // The fields after the command name, which may itself hold spaces and parentheses; field n
+    // of stat is fields[n - 3] (state is field 3).
     let fields: Vec<u64> = stat
         .rsplit_once(')')
         .map(|(_, rest)| {
@@ -68,9 +75,8 @@ pub fn cpu_time(pid: i32) -> (Duration, Duration) {
                 .collect()
         })
         .unwrap_or_default();
-    let ticks = |from: usize| fields.get(from..from + 2).map_or(0, |f| f[0] + f[1]);
-    // Field n of stat is fields[n - 3]: state is field 3.
-    (from_ticks(ticks(14 - 3)), from_ticks(ticks(16 - 3)))
+    let reaped = fields.get(16 - 3..18 - 3).map_or(0, |f| f[0] + f[1]);
+    (own, from_ticks(reaped))
 }
 
 /// CPU time of the processes whose parent is `parent`, while they run.
