@@ -3,7 +3,7 @@
 //! investigation settings writes it to bench/RESULTS.md.
 //!
 //! `outbox-bench [--quick] [--minutes=4,20] [--after=4] [--report=PATH] [drain] [latency] [emit]
-//! [sustained] [old-snapshot] [versions] [durability]`: every scenario by default; `--minutes`
+//! [sustained] [old-snapshot] [versions] [durability] [neighbour]`: every scenario by default; `--minutes`
 //! sets how long each old-snapshot run lasts (runs over 20 minutes are held only; `make
 //! bench-hour`: 60), `--after` how long it goes on once the snapshot closed;
 //! `--report` writes the report to PATH instead (checked before anything runs).
@@ -12,6 +12,7 @@ mod drain;
 mod durability;
 mod emit_cost;
 mod latency;
+mod neighbour;
 mod old_snapshot;
 mod sustained;
 mod versions;
@@ -24,7 +25,7 @@ use outbox_pg_harness::PgCluster;
 /// A scenario: runs and returns its section of the report.
 type Scenario = fn(&Options) -> String;
 
-const SCENARIOS: [(&str, Scenario); 7] = [
+const SCENARIOS: [(&str, Scenario); 8] = [
     ("drain", drain::run),
     ("latency", latency::run),
     ("emit", emit_cost::run),
@@ -32,6 +33,7 @@ const SCENARIOS: [(&str, Scenario); 7] = [
     ("old-snapshot", old_snapshot::run),
     ("versions", versions::run),
     ("durability", durability::run),
+    ("neighbour", neighbour::run),
 ];
 
 /// The old-snapshot durations of a full run, and how long it goes on after the snapshot.
