@@ -55,15 +55,20 @@ pub fn run(command: &mut std::process::Command) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// CPU time (user + system) used by `pid` itself, and by those of its children that ended and
-/// were reaped by it. Its own is to the nanosecond (/proc/<pid>/schedstat); the reaped children's
-/// is in clock ticks (fields 16–17 of /proc/<pid>/stat), which accumulate unrounded, so that
-/// the sum is off by less than one tick.
+/// CPU time (user + system) used by `pid` itself, all its threads, and by those of its children
+/// that ended and were reaped by it. Its own is to the nanosecond (each thread's
+/// /proc/<pid>/task/<tid>/schedstat: threads that ended are left out); the reaped children's is in clock ticks (fields 16–17 of
+/// /proc/<pid>/stat), which accumulate unrounded, so that the sum is off by less than one tick.
 pub fn cpu_time(pid: i32) -> (Duration, Duration) {
-    let own = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .map_or(Duration::ZERO, Duration::from_nanos);
+    let own = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(|task| {
+            let schedstat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            schedstat.split_whitespace().next()?.parse().ok()
+        })
+        .map(Duration::from_nanos)
+        .sum();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The fields after the command name, which may itself hold spaces and parentheses; field n
     // of stat is fields[n - 3] (state is field 3).

@@ -84,7 +84,7 @@ pub fn run(options: &Options) -> String {
     let rate = |d: Duration| burst as f64 / d.as_secs_f64();
     format!(
         "## 8. A failing neighbour: one role's {burst}-event bursts, alone and while another role's {failing} events for a missing topic are retried (mock cluster)\n\n\
-         | bursts alone (best of {bursts}) | behind the failing events (best of {bursts}) | behind over alone | retry attempts during those bursts | retries due and waiting at their end |\n|---|---|---|---|---|\n\
+         | bursts alone (best of {bursts}) | behind the failing events (best of {bursts}) | behind over alone | retry attempts while those bursts were emitted and published | retries due and waiting at their end |\n|---|---|---|---|---|\n\
          | {:.0} events/s ({}) | {:.0} events/s ({}) | {ratio:.2}× | {attempts} | {due} of {failing} |\n\n\
          Each burst is one transaction of role `app`; its time runs from the commit to the last \
          receipt's `recorded_at`, both by the server's clock. The failing events belong to \
