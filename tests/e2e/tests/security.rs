@@ -732,9 +732,11 @@ fn one_roles_failing_events_do_not_stall_another_roles_events() {
     );
     // Not behind the retries: all 100,000 were due and most still are, yet the worker took at
     // most 16 of them per batch it published (a round sends its retries, then a batch of new
-    // events), plus a few rounds' worth: 16–48 attempts for 50 batches here. With that cap
-    // lifted, the worker served the due retries first: 56,000 attempts while the 50,000 went
-    // through, 3,416 due at the end, and the test took 26 s instead of 3.5.
+    // events), plus a margin for the retry-only rounds that run back to back before the commit
+    // is seen and after the last batch, until this test reads the count: 16–48 attempts for 50
+    // batches here. With that cap lifted, the worker served the due retries first: 56,000
+    // attempts while the 50,000 went through, 3,416 due at the end, and the test took 25.9 s
+    // instead of 3.4. (How fast the other role's events go is bench scenario 8.)
     assert!(
         attempted > 0,
         "the failing events were being retried meanwhile"
@@ -744,7 +746,7 @@ fn one_roles_failing_events_do_not_stall_another_roles_events() {
         "retries were due throughout ({due} at the end)"
     );
     assert!(
-        attempted <= 16 * (batches + 10),
+        attempted <= 16 * batches + 2_000,
         "{attempted} retries were attempted while {batches} batches of the other role's events were published"
     );
     assert_eq!(
