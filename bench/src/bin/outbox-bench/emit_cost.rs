@@ -12,7 +12,12 @@ pub fn run(options: &Options) -> String {
     // Many short rounds rather than a few long ones: one pair moves by ±10–20% on this shared
     // 2-core machine, so the number of pairs is what resolves a difference of a few percent.
     let (rounds, seconds) = if options.quick { (6, 3) } else { (20, 5) };
-    let history: i64 = if options.quick { 100_000 } else { 1_000_000 };
+    // BENCH_EMIT_HISTORY=N: rows already in each table (when investigating what the classic
+    // table's size does to the comparison).
+    let history: i64 = std::env::var("BENCH_EMIT_HISTORY")
+        .ok()
+        .map(|n| n.parse().expect("BENCH_EMIT_HISTORY: a number of rows"))
+        .unwrap_or(if options.quick { 100_000 } else { 1_000_000 });
     let cluster = cluster(
         "127.0.0.1:9",
         &[("outbox.database", "parked"), ("fsync", "on")],
