@@ -13,12 +13,16 @@ pub fn signal(pid: i32, signal: &str) {
 
 /// True while `pid` runs (a zombie waiting to be reaped has ended).
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+    stat_fields(pid).is_some_and(|fields| fields.first().is_some_and(|state| state != "Z"))
+}
+
+/// The fields of /proc/<pid>/stat after the command name (which may itself hold spaces and
+/// parentheses): field n of stat(5) is `[n - 3]`, the state (field 3) first. None once `pid`
+/// is gone.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// How long `pid` takes to end, measured from now; None if it still runs after `timeout`.
@@ -57,8 +61,9 @@ pub fn run(command: &mut std::process::Command) -> String {
 
 /// CPU time (user + system) used by `pid` itself, all its threads, and by those of its children
 /// that ended and were reaped by it. Its own is to the nanosecond (each thread's
-/// /proc/<pid>/task/<tid>/schedstat: threads that ended are left out); the reaped children's is in clock ticks (fields 16–17 of
-/// /proc/<pid>/stat), which accumulate unrounded, so that the sum is off by less than one tick.
+/// /proc/<pid>/task/<tid>/schedstat: threads that ended are left out); the reaped children's is
+/// in clock ticks (cutime and cstime, fields 16–17 of /proc/<pid>/stat), which accumulate
+/// unrounded, so that the sum is off by less than one tick.
 pub fn cpu_time(pid: i32) -> (Duration, Duration) {
     let own = std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
@@ -69,18 +74,12 @@ pub fn cpu_time(pid: i32) -> (Duration, Duration) {
         })
         .map(Duration::from_nanos)
         .sum();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name, which may itself hold spaces and parentheses; field n
-    // of stat is fields[n - 3] (state is field 3).
-    let fields: Vec<u64> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .map(|f| f.parse().unwrap_or(0))
-                .collect()
+    let reaped = stat_fields(pid)
+        .and_then(|fields| {
+            let ticks = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+            Some(ticks(16)? + ticks(17)?)
         })
-        .unwrap_or_default();
-    let reaped = fields.get(16 - 3..18 - 3).map_or(0, |f| f[0] + f[1]);
+        .unwrap_or(0);
     (own, from_ticks(reaped))
 }
 
@@ -96,14 +95,9 @@ pub fn children_cpu_time(parent: i32) -> Duration {
         .sum()
 }
 
+/// The parent's pid: field 4 of /proc/<pid>/stat.
 fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    stat_fields(pid)?.get(4 - 3)?.parse().ok()
 }
 
 fn from_ticks(ticks: u64) -> Duration {
