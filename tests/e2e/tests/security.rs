@@ -730,13 +730,14 @@ fn one_roles_failing_events_do_not_stall_another_roles_events() {
     println!(
         "while 50,000 events went through in {batches} batches: {attempted} retry attempts, {due} retries due at the end"
     );
-    // Not behind the retries: all 100,000 were due and most still are, yet the worker took at
-    // most 16 of them per batch it published (a round sends its retries, then a batch of new
-    // events), plus a margin for the retry-only rounds that run back to back before the commit
-    // is seen and after the last batch, until this test reads the count (they made about 3,000
-    // attempts a second while the bench emitted): 16–48 attempts for 50 batches here. With that cap lifted, the worker served the due retries first: 56,000
-    // attempts while the 50,000 went through, 3,416 due at the end, and the test took 25.9 s
-    // instead of 3.4. (How fast the other role's events go is bench scenario 8.)
+    // Not behind the retries: all 100,000 were due and most still are, yet the worker took at most
+    // 16 of them per batch it published (a round sends its retries, then a batch of new events),
+    // plus a margin for the retry-only rounds that run back to back before the commit is seen and
+    // after the last batch, until this test reads the count (they made about 3,000 attempts a second
+    // while the bench emitted): 16–48 attempts for 50 batches here. With that cap lifted, the worker
+    // served the due retries first: 56,000 attempts while the 50,000 went through, 3,416 due at the
+    // end, and the test took 25.9 s instead of 3.4. (How fast the other role's events go is bench
+    // scenario 8.)
     assert!(
         attempted > 0,
         "the failing events were being retried meanwhile"
